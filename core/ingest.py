@@ -1,0 +1,294 @@
+"""Untrusted bytes in, clean catalog images out: validate, normalise, hash, store, thumbnail.
+
+Every file is decided on its own and reported (added / duplicate / rejected with the reason);
+one bad file never stops a batch, and a row is only written once its files are on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import unicodedata
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlite_utils import Database
+
+from core import catalog
+from core.errors import LoupeError
+from core.workspace import Workspace
+
+# Pillow's format name -> the extension the original bytes are stored under.
+ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+MAX_FILE_BYTES = 200 * 1024 * 1024
+THUMB_SIZE = 256
+
+
+@dataclass
+class IngestOutcome:
+    name: str
+    status: str  # "added", "duplicate" or "rejected"
+    image_id: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class ImportItem:
+    """One file to import: its name as the user gave it, how to read it, and its label if known."""
+
+    name: str
+    read: Callable[[], bytes]
+    label: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class DecodedImage:
+    format: str
+    width: int
+    height: int
+    rgb: Image.Image
+
+
+def decode_image(data: bytes) -> DecodedImage:
+    """Validate untrusted bytes as one image, oriented and in RGB; LoupeError says why not."""
+    if not data:
+        raise LoupeError("empty file")
+    if len(data) > MAX_FILE_BYTES:
+        raise LoupeError(f"file larger than {MAX_FILE_BYTES // 2**20} MB")
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise LoupeError(f"unsupported image format {img.format}")
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            rgb = to_rgb(oriented)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise LoupeError(f"too many pixels (possible decompression bomb): {exc}") from None
+        except UnidentifiedImageError:
+            raise LoupeError("not an image (content is not a supported image format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise LoupeError(f"corrupt or truncated image: {exc}") from None
+    return DecodedImage(format=img.format, width=rgb.width, height=rgb.height, rgb=rgb)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit scaled (not clipped), transparency flattened onto white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if img.mode == "F":
+            low, top = values.min(), max(values.max(), values.min() + 1e-12)
+            values = values - low
+            top = top - low
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image_rgb(path: str | Path) -> Image.Image:
+    """A stored catalog image, decoded the same way it was when it was imported."""
+    return decode_image(Path(path).read_bytes()).rgb
+
+
+def clean_original_name(name: str) -> str:
+    """A display name only: the last path component, printable, bounded. Never used as a path."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    base = "".join(ch for ch in base if unicodedata.category(ch)[0] != "C").strip()
+    return base[:200] or "unnamed"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
+    thumb = rgb.copy()
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def ingest_bytes(
+    ws: Workspace,
+    db: Database,
+    data: bytes,
+    original_name: str,
+    label: str | None = None,
+    split: str | None = None,
+    who: str = "import",
+) -> IngestOutcome:
+    name = clean_original_name(original_name)
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = catalog.find_image_by_sha256(db, sha256)
+    if existing:
+        if label and catalog.get_image(db, existing["id"])["label"] is None:
+            catalog.set_label(db, existing["id"], label, who)
+        return IngestOutcome(name, "duplicate", existing["id"], f"duplicate of #{existing['id']}")
+    try:
+        decoded = decode_image(data)
+    except LoupeError as exc:
+        return IngestOutcome(name, "rejected", reason=str(exc))
+
+    ext = ALLOWED_FORMATS[decoded.format]
+    image_rel = Path("images") / sha256[:2] / f"{sha256}.{ext}"
+    thumb_rel = Path("thumbs") / sha256[:2] / f"{sha256}.jpg"
+    written: list[Path] = []
+    try:
+        for rel, payload in ((image_rel, data), (thumb_rel, _thumbnail_jpeg(decoded.rgb))):
+            _write_atomically(ws.root / rel, payload)
+            written.append(ws.root / rel)
+        with db.atomic():
+            image_id = catalog.insert_image(
+                db,
+                {
+                    "sha256": sha256,
+                    "path": image_rel.as_posix(),
+                    "thumb_path": thumb_rel.as_posix(),
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    "format": decoded.format,
+                    "original_name": name,
+                },
+            )
+            if split:
+                catalog.pin_split(db, image_id, split)
+            if label:
+                catalog.set_label(db, image_id, label, who)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return IngestOutcome(name, "added", image_id)
+
+
+def ingest_items(
+    ws: Workspace, db: Database, items: Iterable[ImportItem], who: str = "import",
+    on_progress: Callable[[int], None] | None = None,
+) -> list[IngestOutcome]:
+    outcomes = []
+    for done, item in enumerate(items, start=1):
+        try:
+            data = item.read()
+        except OSError as exc:
+            outcomes.append(IngestOutcome(clean_original_name(item.name), "rejected", reason=f"cannot read: {exc}"))
+            continue
+        outcomes.append(ingest_bytes(ws, db, data, item.name, item.label, item.split, who))
+        if on_progress:
+            on_progress(done)
+    return outcomes
+
+
+def summarise(outcomes: Iterable[IngestOutcome]) -> dict[str, int]:
+    counts = {"added": 0, "duplicates": 0, "rejected": 0}
+    key = {"added": "added", "duplicate": "duplicates", "rejected": "rejected"}
+    for outcome in outcomes:
+        counts[key[outcome.status]] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _label_and_split(paths: list[PurePosixPath]) -> list[tuple[str | None, str | None]]:
+    """ImageFolder semantics: `<class>/<img>` or `<split>/<class>/<img>`, below one optional wrapper folder."""
+    parts = [p.parts for p in paths]
+    while (
+        parts
+        and all(len(p) >= 3 for p in parts)
+        and len({p[0] for p in parts}) == 1
+        and parts[0][0] not in catalog.SPLITS
+    ):
+        parts = [p[1:] for p in parts]
+    result = []
+    for p in parts:
+        if len(p) >= 3 and p[0] in catalog.SPLITS:
+            result.append((p[-2], p[0]))
+        elif len(p) >= 2:
+            result.append((p[-2], None))
+        else:
+            result.append((None, None))
+    return result
+
+
+def _is_hidden(path: PurePosixPath) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+
+
+def items_from_folder(root: str | Path) -> list[ImportItem]:
+    root = Path(root)
+    if not root.is_dir():
+        raise LoupeError(f"{root} is not a folder.")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and not _is_hidden(PurePosixPath(p.relative_to(root).as_posix()))
+    )
+    rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in files]
+    return [
+        ImportItem(path.name, path.read_bytes, label, split)
+        for path, (label, split) in zip(files, _label_and_split(rel))
+    ]
+
+
+def items_from_zip(data: bytes) -> Iterator[ImportItem]:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise LoupeError("The .zip file is damaged or not a zip archive.") from None
+    entries = [
+        info for info in archive.infolist()
+        if not info.is_dir() and not _is_hidden(PurePosixPath(info.filename))
+    ]
+    labels = _label_and_split([PurePosixPath(info.filename) for info in entries])
+    for info, (label, split) in zip(entries, labels):
+
+        def read(info: zipfile.ZipInfo = info) -> bytes:
+            if info.file_size > MAX_FILE_BYTES:
+                raise OSError(f"zip entry larger than {MAX_FILE_BYTES // 2**20} MB")
+            with archive.open(info) as f:
+                return f.read(MAX_FILE_BYTES + 1)
+
+        yield ImportItem(info.filename, read, label, split)
+
+
+def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
+    """`path label` lines (paths relative to the list file); blank lines and # comments skipped."""
+    list_path = Path(list_path)
+    items = []
+    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2:
+            raise LoupeError(f"{list_path.name} line {number}: expected `path label`, got {line!r}.")
+        path = (list_path.parent / fields[0]).resolve()
+        items.append(ImportItem(path.name, path.read_bytes, fields[1]))
+    return items

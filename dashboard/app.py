@@ -1,0 +1,16 @@
+"""Loupe's Streamlit entry point: `streamlit run dashboard/app.py`."""
+
+import streamlit as st
+
+from dashboard.state import sidebar
+
+st.set_page_config(page_title="Loupe", page_icon="🔍", layout="wide")
+
+navigation = st.navigation(
+    [
+        st.Page("../pages/home.py", title="Home", icon="🏠", default=True),
+        st.Page("../pages/label.py", title="Label", icon="🏷️"),
+    ]
+)
+sidebar()
+navigation.run()
