@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlite_utils import Database, Migrations
 
@@ -337,7 +338,7 @@ def merge_classes(db: Database, source: str, target: str, who: str) -> int:
     if src["id"] == dst["id"]:
         raise LoupeError("Choose two different classes to merge.")
     ids = [r["image_id"] for r in db.query("SELECT image_id FROM labels WHERE class_id = ?", [src["id"]])]
-    with db.atomic():
+    with write_transaction(db):
         _set_labels(db, ids, dst["id"], who, reason=f"merge {source} into {target}")
         db.execute("UPDATE classes SET archived = 1 WHERE id = ?", [src["id"]])
     return len(ids)
@@ -359,7 +360,7 @@ def set_label(db: Database, image_id: int, class_name: str | None, who: str) -> 
 def set_labels(db: Database, image_ids: Iterable[int], class_name: str | None, who: str) -> int:
     """Label many images in one transaction; returns how many labels changed."""
     who = (who or "").strip() or "anonymous"
-    with db.atomic():
+    with write_transaction(db):
         class_id = add_class(db, class_name) if class_name is not None else None
         return _set_labels(db, list(image_ids), class_id, who, reason="label")
 
@@ -383,7 +384,7 @@ def _set_labels(db: Database, image_ids: list[int], class_id: int | None, who: s
                 "labelled_by = excluded.labelled_by, labelled_at = excluded.labelled_at",
                 [image_id, class_id, who, at],
             )
-            _assign_split_if_new(db, image_id, class_id)
+            _assign_split(db, image_id, class_id)
         db.execute(
             "INSERT INTO label_events (image_id, old_class_id, new_class_id, who, at, reason) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -394,19 +395,31 @@ def _set_labels(db: Database, image_ids: list[int], class_id: int | None, who: s
 
 
 def undo_last_label(db: Database, who: str) -> int | None:
-    """Revert `who`'s most recent label change (itself recorded as an event); the image's id."""
+    """Revert `who`'s most recent label not yet undone, so repeated undos step further back.
+
+    The undo is itself an event (reason `undo #<event id>`); returns the image's id, None if nothing is left.
+    """
     who = (who or "").strip() or "anonymous"
     last = next(
         db.query(
-            "SELECT * FROM label_events WHERE who = ? AND reason IN ('label', 'undo') ORDER BY id DESC LIMIT 1",
+            "SELECT * FROM label_events e WHERE e.who = ? AND e.reason = 'label' AND NOT EXISTS "
+            "(SELECT 1 FROM label_events u WHERE u.who = e.who AND u.reason = 'undo #' || e.id) "
+            "ORDER BY e.id DESC LIMIT 1",
             [who],
         ),
         None,
     )
     if last is None:
         return None
-    with db.atomic():
-        _set_labels(db, [last["image_id"]], last["old_class_id"], who, reason="undo")
+    reason = f"undo #{last['id']}"
+    with write_transaction(db):
+        if not _set_labels(db, [last["image_id"]], last["old_class_id"], who, reason=reason):
+            # Already back to the old label (changed since): still mark the event as undone.
+            db.execute(
+                "INSERT INTO label_events (image_id, old_class_id, new_class_id, who, at, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [last["image_id"], last["old_class_id"], last["old_class_id"], who, now(), reason],
+            )
     return last["image_id"]
 
 
@@ -432,22 +445,27 @@ def split_for_hash(sha256: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
-def _assign_split_if_new(db: Database, image_id: int, class_id: int) -> None:
+def _assign_split(db: Database, image_id: int, class_id: int) -> None:
     # An image keeps the split it got first, so adding or labelling images never moves another one.
-    if next(db.query("SELECT 1 FROM splits WHERE image_id = ?", [image_id]), None):
+    # Only the image being (re)labelled, when unpinned, may go to val: the one its class still lacks.
+    current = next(db.query("SELECT split, pinned FROM splits WHERE image_id = ?", [image_id]), None)
+    if current and (current["pinned"] or current["split"] == "val"):
         return
-    sha256 = next(db.query("SELECT sha256 FROM images WHERE id = ?", [image_id]))["sha256"]
-    split = split_for_hash(sha256, split_fractions(db))
     counts = {
         r["split"]: r["n"]
         for r in db.query(
             "SELECT splits.split, count(*) AS n FROM labels JOIN splits ON splits.image_id = labels.image_id "
-            "WHERE labels.class_id = ? GROUP BY splits.split",
-            [class_id],
+            "WHERE labels.class_id = ? AND labels.image_id != ? GROUP BY splits.split",
+            [class_id, image_id],
         )
     }
-    if split != "val" and not counts.get("val") and sum(counts.values()) + 1 >= MIN_IMAGES_FOR_VAL:
-        split = "val"
+    class_lacks_val = not counts.get("val") and sum(counts.values()) + 1 >= MIN_IMAGES_FOR_VAL
+    if current:
+        if class_lacks_val:
+            db.execute("UPDATE splits SET split = 'val' WHERE image_id = ?", [image_id])
+        return
+    sha256 = next(db.query("SELECT sha256 FROM images WHERE id = ?", [image_id]))["sha256"]
+    split = "val" if class_lacks_val else split_for_hash(sha256, split_fractions(db))
     db.execute("INSERT INTO splits (image_id, split, pinned) VALUES (?, ?, 0)", [image_id, split])
 
 
@@ -492,3 +510,36 @@ def overview(db: Database) -> dict:
         "per_class": per_class,
         "per_split": {split: sum(r[split] for r in per_class) for split in SPLITS},
     }
+
+
+# ---------------------------------------------------------------- transactions
+
+
+@contextmanager
+def write_transaction(db: Database) -> Iterator[Database]:
+    """A transaction that takes the write lock at its start, waiting out other writers (busy timeout).
+
+    `db.atomic()` begins deferred: if it reads first and another process (the training worker)
+    commits before its first write, SQLite refuses the upgrade at once with "database is locked",
+    whatever the busy timeout. Read-then-write transactions must use this instead.
+    """
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.rollback()
+        raise
+    db.execute("COMMIT")
+
+
+# ---------------------------------------------------------------- later migrations
+
+
+@migrations()
+def add_run_cancel_requested_at(db: Database) -> None:
+    # When a cancel was asked for, so a worker that ignores it can be stopped after a grace period.
+    db.execute("ALTER TABLE runs ADD COLUMN cancel_requested_at TEXT")

@@ -14,6 +14,7 @@ import tempfile
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator
@@ -128,12 +129,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
+def _thumbnail_jpeg(rgb: Image.Image, max_side: int = THUMB_SIZE) -> bytes:
     thumb = rgb.copy()
-    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    thumb.thumbnail((max_side, max_side))
     out = io.BytesIO()
     thumb.save(out, format="JPEG", quality=85)
     return out.getvalue()
+
+
+def preview_jpeg(path: str | Path, max_side: int = 1024) -> bytes:
+    """A stored image as a browser-friendly JPEG (any format, oriented, RGB), at most `max_side` pixels."""
+    return _thumbnail_jpeg(open_image_rgb(path), max_side)
 
 
 def ingest_bytes(
@@ -183,8 +189,10 @@ def ingest_bytes(
             if label:
                 catalog.set_label(db, image_id, label, who)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        # Files are content-addressed: another import may have stored the same bytes meanwhile.
+        if catalog.find_image_by_sha256(db, sha256) is None:
+            for path in written:
+                path.unlink(missing_ok=True)
         raise
     return IngestOutcome(name, "added", image_id)
 
@@ -199,11 +207,22 @@ def ingest_items(
             data = item.read()
         except OSError as exc:
             outcomes.append(IngestOutcome(clean_original_name(item.name), "rejected", reason=f"cannot read: {exc}"))
-            continue
-        outcomes.append(ingest_bytes(ws, db, data, item.name, item.label, item.split, who))
+        else:
+            outcomes.append(ingest_bytes(ws, db, data, item.name, item.label, item.split, who))
         if on_progress:
             on_progress(done)
     return outcomes
+
+
+def ingest_upload(ws: Workspace, db: Database, name: str, data: bytes, who: str = "import") -> list[IngestOutcome]:
+    """One file from the browser: a .zip is unpacked and each entry decided on its own."""
+    if not name.lower().endswith(".zip"):
+        return [ingest_bytes(ws, db, data, name, who=who)]
+    try:
+        items = list(items_from_zip(data))
+    except LoupeError as exc:
+        return [IngestOutcome(clean_original_name(name), "rejected", reason=str(exc))]
+    return ingest_items(ws, db, items, who=who)
 
 
 def summarise(outcomes: Iterable[IngestOutcome]) -> dict[str, int]:
@@ -219,7 +238,8 @@ def summarise(outcomes: Iterable[IngestOutcome]) -> dict[str, int]:
 
 def _label_and_split(paths: list[PurePosixPath]) -> list[tuple[str | None, str | None]]:
     """ImageFolder semantics: `<class>/<img>` or `<split>/<class>/<img>`, below one optional wrapper folder."""
-    parts = [p.parts for p in paths]
+    # `..`, `.` and a leading `/` are path syntax, never folder names (a hostile zip may contain them).
+    parts = [tuple(part for part in p.parts if part not in ("", ".", "..", "/")) for p in paths]
     while (
         parts
         and all(len(p) >= 3 for p in parts)
@@ -239,7 +259,16 @@ def _label_and_split(paths: list[PurePosixPath]) -> list[tuple[str | None, str |
 
 
 def _is_hidden(path: PurePosixPath) -> bool:
-    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+    return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in path.parts)
+
+
+def _bounded_reader(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise OSError(f"file larger than {MAX_FILE_BYTES // 2**20} MB")
+        return path.read_bytes()
+
+    return read
 
 
 def items_from_folder(root: str | Path) -> list[ImportItem]:
@@ -252,7 +281,7 @@ def items_from_folder(root: str | Path) -> list[ImportItem]:
     )
     rel = [PurePosixPath(p.relative_to(root).as_posix()) for p in files]
     return [
-        ImportItem(path.name, path.read_bytes, label, split)
+        ImportItem(path.name, _bounded_reader(path), label, split)
         for path, (label, split) in zip(files, _label_and_split(rel))
     ]
 
@@ -266,14 +295,18 @@ def items_from_zip(data: bytes) -> Iterator[ImportItem]:
         info for info in archive.infolist()
         if not info.is_dir() and not _is_hidden(PurePosixPath(info.filename))
     ]
-    labels = _label_and_split([PurePosixPath(info.filename) for info in entries])
+    labels = _label_and_split([PurePosixPath(info.filename.replace("\\", "/")) for info in entries])
     for info, (label, split) in zip(entries, labels):
 
         def read(info: zipfile.ZipInfo = info) -> bytes:
             if info.file_size > MAX_FILE_BYTES:
                 raise OSError(f"zip entry larger than {MAX_FILE_BYTES // 2**20} MB")
-            with archive.open(info) as f:
-                return f.read(MAX_FILE_BYTES + 1)
+            try:
+                with archive.open(info) as f:
+                    return f.read(MAX_FILE_BYTES + 1)
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as exc:
+                # Damaged, encrypted or exotically compressed entries: reject this entry, keep the batch.
+                raise OSError(f"unreadable zip entry: {exc}") from None
 
         yield ImportItem(info.filename, read, label, split)
 
@@ -282,7 +315,11 @@ def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
     """`path label` lines (paths relative to the list file); blank lines and # comments skipped."""
     list_path = Path(list_path)
     items = []
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoupeError(f"Cannot read the list file {list_path.name}: {exc}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -290,5 +327,13 @@ def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
         if len(fields) != 2:
             raise LoupeError(f"{list_path.name} line {number}: expected `path label`, got {line!r}.")
         path = (list_path.parent / fields[0]).resolve()
-        items.append(ImportItem(path.name, path.read_bytes, fields[1]))
+        items.append(ImportItem(path.name, _bounded_reader(path), fields[1]))
     return items
+
+
+def items_from_path(path: str | Path) -> list[ImportItem]:
+    """A server-side source: a folder in ImageFolder layout, or a list file of `path label` lines."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return items_from_list_file(path)
+    return items_from_folder(path)

@@ -1,0 +1,465 @@
+"""A run's model as a verified ONNX bundle anyone can deploy without Loupe or PyTorch.
+
+The exported graph takes a normalised N x 3 x H x W float batch (any N) and returns softmax
+probabilities in the order of `labels.json`, so its outputs compare directly with the stored
+predictions. Nothing is offered unless onnxruntime, fed through the bundle's own preprocessing,
+agrees with PyTorch on the run's validation images at batch 1 and batch N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from PIL import Image
+from sqlite_utils import Database
+from torch import nn
+
+from core import bundle_predict, jobs, metrics, model_card
+from core.backbones import Preprocessing
+from core.checkpoints import TrainedModel, load_run_model
+from core.errors import LoupeError
+from core.ingest import open_image_rgb
+from core.workspace import Workspace
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCH_SIZE = 16
+# Enough images to trust the checks and the accuracy figures without making export slow.
+MAX_CHECK_IMAGES = 256
+MAX_CALIBRATION_IMAGES = 64
+SPEED_BATCH_SIZE = 32
+SPEED_THREADS = 2
+PREDICT_SCRIPT = "predict.py"
+MODEL_CARD = "model_card.md"
+CONFUSION_IMAGE = "confusion_matrix.png"
+
+
+@dataclass
+class ExportChecks:
+    """What was verified before the model was offered; every figure goes into the model card."""
+
+    checker: str  # onnx.checker.check_model(full_check=True)
+    opset: int
+    images: int
+    batch_size: int
+    batch1_max_abs_diff: float
+    batch_n_max_abs_diff: float
+    same_classes: bool
+    tolerance: float = PARITY_TOLERANCE
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.batch1_max_abs_diff, self.batch_n_max_abs_diff)
+
+
+@dataclass
+class Int8Figures:
+    """fp32 against int8 on the same validation images, at the same batch size and thread count."""
+
+    fp32_accuracy: float
+    int8_accuracy: float
+    fp32_images_per_s: float
+    int8_images_per_s: float
+    fp32_bytes: int
+    int8_bytes: int
+    agreement: float  # share of images where both predict the same class
+    calibration_images: int
+
+    @property
+    def accuracy_drop_points(self) -> float:
+        return 100.0 * (self.fp32_accuracy - self.int8_accuracy)
+
+    @property
+    def speedup(self) -> float:
+        return self.int8_images_per_s / self.fp32_images_per_s
+
+
+@dataclass
+class ExportReport:
+    run_id: int
+    path: Path
+    bundle_bytes: int
+    files: dict[str, int]  # bundle member -> size in bytes
+    checks: ExportChecks
+    val_accuracy: float
+    snapshot_sha256: str
+    int8: Int8Figures | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the run being exported
+
+
+def run_snapshot(db: Database, run_id: int) -> list[dict]:
+    """The images, labels and splits the run trained on (`run_items`), in image order."""
+    return list(
+        db.query(
+            "SELECT run_items.image_id, run_items.split, images.sha256, images.path, classes.name AS label "
+            "FROM run_items JOIN images ON images.id = run_items.image_id "
+            "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY run_items.image_id",
+            [run_id],
+        )
+    )
+
+
+def snapshot_sha256(snapshot: list[dict]) -> str:
+    """One hash of the (image, label, split) triples a run saw: equal hashes, equal training data."""
+    digest = hashlib.sha256()
+    for row in sorted(snapshot, key=lambda r: r["sha256"]):
+        digest.update(f"{row['sha256']}\t{row['label']}\t{row['split']}\n".encode())
+    return digest.hexdigest()
+
+
+def exportable_run(db: Database, run_id: int | None) -> dict:
+    """The run to export: the one asked for, or the current model; it must have succeeded."""
+    if run_id is None:
+        run = jobs.current_run(db)
+        if run is None:
+            raise LoupeError("There is no current model yet: train one (or choose a run) before exporting.")
+        return run
+    run = jobs.get_run(db, run_id)
+    if run["status"] != jobs.RunStatus.SUCCEEDED:
+        raise LoupeError(f"Run #{run_id} has status {run['status']}: only a run that succeeded can be exported.")
+    return run
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def preprocess_config(preprocessing: Preprocessing) -> dict:
+    """`preprocess.json`: everything between an RGB image and the model's input, for any runtime."""
+    return {
+        **preprocessing.to_dict(),
+        "mean": list(preprocessing.mean),
+        "std": list(preprocessing.std),
+        "resize": "shorter side to resize_size, aspect ratio kept",
+        "crop": "center, input_size x input_size",
+        "scale": "pixel / 255, then (x - mean) / std per channel",
+        "layout": "NCHW, RGB",
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "output": "softmax probabilities, in the order of labels.json",
+    }
+
+
+def onnx_metadata(trained: TrainedModel, run_id: int, dataset_sha256: str) -> dict[str, str]:
+    p = trained.preprocessing
+    return {
+        "class_names": json.dumps(trained.classes),
+        "image_size": str(p.input_size),
+        "resize_size": str(p.resize_size),
+        "crop": "center",
+        "interpolation": p.interpolation,
+        "mean": json.dumps(list(p.mean)),
+        "std": json.dumps(list(p.std)),
+        "backbone": trained.backbone,
+        "run_id": str(run_id),
+        "dataset_snapshot_sha256": dataset_sha256,
+        "output": OUTPUT_NAME,
+    }
+
+
+def _save_onnx_atomically(model: onnx.ModelProto, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata)
+
+
+def export_onnx(trained: TrainedModel, path: Path, metadata: dict[str, str]) -> None:
+    """The classifier plus a softmax, through torch.export (the default exporter), batch axis dynamic."""
+    network = nn.Sequential(trained.model, nn.Softmax(dim=1)).eval()
+    size = trained.preprocessing.input_size
+    example = torch.zeros(2, 3, size, size)
+    # The exporter reports each step on stdout and warns about its own internals; neither concerns users.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            network,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    set_metadata(model, metadata)
+    _save_onnx_atomically(model, path)
+
+
+def torch_probabilities(trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
+    """What the dashboard computes: the run's own eval transform, the PyTorch model, softmax."""
+    transform = trained.preprocessing.eval_transform()
+    trained.model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image) for image in images[start : start + batch_size]])
+            outputs.append(torch.softmax(trained.model(batch), dim=1).numpy())
+    return np.concatenate(outputs)
+
+
+def verify_export(
+    onnx_path: Path, trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE
+) -> tuple[ExportChecks, np.ndarray]:
+    """Check the file and compare onnxruntime (with the bundle's preprocessing) against PyTorch.
+
+    Returns the checks and onnxruntime's probabilities; raises LoupeError when any check fails.
+    """
+    if not images:
+        raise LoupeError("The run has no labelled images to verify the exported model on.")
+    model = onnx.load(str(onnx_path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise LoupeError(f"The exported ONNX model is invalid, so it is not offered: {exc}") from None
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    predictor = bundle_predict.BundlePredictor.load(
+        str(onnx_path), trained.classes, preprocess_config(trained.preprocessing)
+    )
+    reference = torch_probabilities(trained, images)
+    single = np.concatenate([predictor.predict_images([image], batch_size=1) for image in images])
+    batched = predictor.predict_images(images, batch_size=batch_size)
+    checks = ExportChecks(
+        checker="passed",
+        opset=opset,
+        images=len(images),
+        batch_size=min(batch_size, len(images)),
+        batch1_max_abs_diff=float(np.abs(single - reference).max()),
+        batch_n_max_abs_diff=float(np.abs(batched - reference).max()),
+        same_classes=bool(
+            (single.argmax(1) == reference.argmax(1)).all() and (batched.argmax(1) == reference.argmax(1)).all()
+        ),
+    )
+    if checks.max_abs_diff > PARITY_TOLERANCE or not checks.same_classes:
+        raise LoupeError(
+            "The exported model does not match the trained model, so it is not offered: "
+            f"max probability difference {checks.max_abs_diff:.2e} (allowed {PARITY_TOLERANCE:.0e}), "
+            f"same predicted classes: {'yes' if checks.same_classes else 'no'}."
+        )
+    return checks, batched
+
+
+# ---------------------------------------------------------------- int8
+
+
+class _CalibrationBatches(CalibrationDataReader):
+    def __init__(self, batches: list[np.ndarray]):
+        self._feeds = iter([{INPUT_NAME: batch} for batch in batches])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def quantise_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], metadata: dict[str, str]) -> None:
+    """Static int8 (QDQ, per-channel weights, uint8 activations) calibrated on preprocessed train batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            _CalibrationBatches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    model = onnx.load(str(int8_path))
+    set_metadata(model, {**metadata, "quantisation": "int8 static, QDQ, per-channel weights"})
+    _save_onnx_atomically(model, int8_path)
+
+
+def images_per_second(predictor: bundle_predict.BundlePredictor, batch: np.ndarray, repeats: int = 3) -> float:
+    """Throughput on one preprocessed batch: best of `repeats` after a warm-up run."""
+    predictor.probabilities(batch)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.probabilities(batch)
+        best = min(best, time.perf_counter() - start)
+    return len(batch) / best
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def _write_zip_atomically(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".zip")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+                for name, data in members.items():
+                    bundle.writestr(name, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict_script() -> bytes:
+    """The bundle's predict.py is this very module, so Loupe and the bundle preprocess alike."""
+    return Path(bundle_predict.__file__).read_bytes()
+
+
+def export_run(
+    ws: Workspace,
+    db: Database,
+    out_path: str | Path,
+    run_id: int | None = None,
+    int8: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Export a succeeded run (the current model by default) to a verified bundle at `out_path`.
+
+    The bundle is written only after every check passed; a failed check raises LoupeError and
+    leaves `out_path` untouched.
+    """
+    step = on_step or (lambda message: None)
+    out_path = Path(out_path)
+    run = exportable_run(db, run_id)
+    run_id = run["id"]
+    step(f"Loading run #{run_id}'s model")
+    trained = load_run_model(ws, run_id)
+    snapshot = run_snapshot(db, run_id)
+    dataset_hash = snapshot_sha256(snapshot)
+    index = {name: k for k, name in enumerate(trained.classes)}
+    val_rows = [r for r in snapshot if r["split"] == "val" and r["label"] in index][:MAX_CHECK_IMAGES]
+    if not val_rows:
+        raise LoupeError(f"Run #{run_id} has no validation images, so its export cannot be verified.")
+    val_images = [open_image_rgb(ws.root / r["path"]) for r in val_rows]
+    val_labels = np.array([index[r["label"]] for r in val_rows])
+    metadata = onnx_metadata(trained, run_id, dataset_hash)
+    config = preprocess_config(trained.preprocessing)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / bundle_predict.MODEL_FILE
+        step("Exporting to ONNX")
+        export_onnx(trained, fp32_path, metadata)
+        step(f"Checking onnxruntime against PyTorch on {len(val_images)} validation images")
+        checks, probs = verify_export(fp32_path, trained, val_images)
+        val_accuracy = float((probs.argmax(1) == val_labels).mean())
+        members = {bundle_predict.MODEL_FILE: fp32_path.read_bytes()}
+
+        figures = None
+        if int8:
+            step("Quantising to int8")
+            int8_path = Path(tmp) / bundle_predict.INT8_MODEL_FILE
+            train_rows = [r for r in snapshot if r["split"] == "train"]
+            stride = max(1, len(train_rows) // MAX_CALIBRATION_IMAGES)
+            calibration_rows = (train_rows or val_rows)[::stride][:MAX_CALIBRATION_IMAGES]
+            calibration = [
+                bundle_predict.preprocess(open_image_rgb(ws.root / r["path"]), config)[None]
+                for r in calibration_rows
+            ]
+            quantise_int8(fp32_path, int8_path, calibration, metadata)
+            figures = compare_int8(
+                fp32_path, int8_path, trained.classes, config, val_images, val_labels, len(calibration)
+            )
+            members[bundle_predict.INT8_MODEL_FILE] = int8_path.read_bytes()
+
+    step("Writing the model card and the bundle")
+    val_predictions = metrics.RunPredictions(
+        run_id=run_id,
+        classes=trained.classes,
+        image_ids=np.array([r["image_id"] for r in val_rows]),
+        splits=np.array(["val"] * len(val_rows), dtype=object),
+        probs=probs.astype(np.float64),
+        labels=val_labels,
+    )
+    val_metrics = metrics.split_metrics(val_predictions, "val")
+    card = model_card.render(
+        model_card.ModelCardData(
+            run=run,
+            trained=trained,
+            snapshot=snapshot,
+            snapshot_sha256=dataset_hash,
+            val_metrics=val_metrics,
+            checks=asdict(checks) | {"max_abs_diff": checks.max_abs_diff},
+            int8=_int8_summary(figures),
+            weaknesses=model_card.known_weaknesses(db, snapshot, val_metrics),
+            confusion_image=CONFUSION_IMAGE,
+        )
+    )
+    members |= {
+        "labels.json": json.dumps(trained.classes, indent=2).encode(),
+        "preprocess.json": json.dumps(config, indent=2).encode(),
+        MODEL_CARD: card.encode(),
+        CONFUSION_IMAGE: model_card.confusion_png(val_metrics.confusion, trained.classes),
+        PREDICT_SCRIPT: predict_script(),
+    }
+    _write_zip_atomically(out_path, members)
+    return ExportReport(
+        run_id=run_id,
+        path=out_path,
+        bundle_bytes=out_path.stat().st_size,
+        files={name: len(data) for name, data in members.items()},
+        checks=checks,
+        val_accuracy=val_accuracy,
+        snapshot_sha256=dataset_hash,
+        int8=figures,
+        metadata=metadata,
+    )
+
+
+def compare_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    classes: list[str],
+    config: dict,
+    images: list[Image.Image],
+    labels: np.ndarray,
+    calibration_images: int,
+) -> Int8Figures:
+    fp32 = bundle_predict.BundlePredictor.load(str(fp32_path), classes, config, threads=SPEED_THREADS)
+    quantised = bundle_predict.BundlePredictor.load(str(int8_path), classes, config, threads=SPEED_THREADS)
+    fp32_classes = fp32.predict_images(images).argmax(1)
+    int8_classes = quantised.predict_images(images).argmax(1)
+    batch = np.stack([bundle_predict.preprocess(image, config) for image in images[:SPEED_BATCH_SIZE]])
+    return Int8Figures(
+        fp32_accuracy=float((fp32_classes == labels).mean()),
+        int8_accuracy=float((int8_classes == labels).mean()),
+        fp32_images_per_s=images_per_second(fp32, batch),
+        int8_images_per_s=images_per_second(quantised, batch),
+        fp32_bytes=fp32_path.stat().st_size,
+        int8_bytes=int8_path.stat().st_size,
+        agreement=float((fp32_classes == int8_classes).mean()),
+        calibration_images=calibration_images,
+    )
+
+
+def _int8_summary(figures: Int8Figures | None) -> dict | None:
+    if figures is None:
+        return None
+    return asdict(figures) | {"accuracy_drop_points": figures.accuracy_drop_points, "speedup": figures.speedup}

@@ -1,0 +1,218 @@
+"""Train: choose a preset (or every knob), start a background run, watch it live, see past runs."""
+
+import dataclasses
+import typing
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core import jobs
+from core.backbones import available_backbones
+from core.errors import LoupeError
+from core.training import PRESETS, TrainConfig, class_weights, dataset_from_catalog
+from dashboard import state
+
+PRESET_HELP = {
+    "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
+    "thorough": "Thorough: fine-tunes the whole network; minutes, usually a little more accurate.",
+}
+LIVE_REFRESH_SECONDS = 1.0
+IDLE_REFRESH_SECONDS = 5.0
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _field_input(field: dataclasses.Field, hint: typing.Any, value: typing.Any, key: str) -> typing.Any:
+    """One widget for one TrainConfig field, chosen from its type."""
+    label = field.name.replace("_", " ")
+    help_text = field.metadata.get("help")
+    choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else field.metadata.get("choices")
+    if field.name == "backbone":
+        choices = list(dict.fromkeys([value, *available_backbones()]))
+    if choices:
+        return st.selectbox(label, list(choices), index=list(choices).index(value), key=key, help=help_text)
+    if isinstance(value, bool):
+        return st.checkbox(label, value=value, key=key, help=help_text)
+    if isinstance(value, int):
+        return int(st.number_input(label, value=value, step=1, key=key, help=help_text))
+    if isinstance(value, float):
+        return float(st.number_input(label, value=value, format="%g", key=key, help=help_text))
+    return st.text_input(label, value="" if value is None else str(value), key=key, help=help_text) or None
+
+
+def config_form(preset: str) -> TrainConfig:
+    """The preset's config, with every field editable in an expander."""
+    defaults = PRESETS[preset]
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    with st.expander("Advanced"):
+        columns = st.columns(3)
+        for number, field in enumerate(dataclasses.fields(TrainConfig)):
+            with columns[number % 3]:
+                values[field.name] = _field_input(
+                    field, hints[field.name], getattr(defaults, field.name), key=f"config_{preset}_{field.name}"
+                )
+    return TrainConfig.from_dict({**defaults.to_dict(), **values})
+
+
+def class_balance(db, config: TrainConfig) -> None:
+    dataset = dataset_from_catalog(state.workspace(), db)
+    if not dataset.classes:
+        st.info("No labelled images yet: label some on the Label page first.")
+        return
+    rows = [{"class": name, "train": 0, "val": 0, "test": 0} for name in dataset.classes]
+    for item in dataset.items:
+        if item.label is not None and item.split in ("train", "val", "test"):
+            rows[item.label][item.split] += 1
+    weights = class_weights([row["train"] for row in rows], config.class_weighting)
+    for row, weight in zip(rows, weights):
+        row["class weight"] = round(weight, 3)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(f"Class weights from the training counts ({config.class_weighting}); rarer classes count more in the loss.")
+
+
+def start_section(db) -> None:
+    st.subheader("New run")
+    preset = st.radio(
+        "Preset", list(PRESETS), format_func=str.capitalize, horizontal=True, key="preset",
+        help=" ".join(PRESET_HELP.get(name, "") for name in PRESETS),
+    )
+    st.caption(PRESET_HELP.get(preset, ""))
+    config = config_form(preset)
+    class_balance(db, config)
+    if st.button("Train", type="primary", key="train"):
+        try:
+            run_id = jobs.create_run(state.workspace(), db, config)
+        except LoupeError as exc:
+            st.error(str(exc))
+            return
+        jobs.start_next_queued(state.workspace(), db)
+        st.session_state["train_message"] = f"Run #{run_id} queued."
+    if message := st.session_state.pop("train_message", None):
+        st.success(message)
+
+
+# ---------------------------------------------------------------- live run and history
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def curves(db, run_id: int) -> None:
+    epochs = pd.DataFrame(jobs.run_epochs(db, run_id))
+    if epochs.empty:
+        return
+    loss_column, score_column = st.columns(2)
+    loss = epochs.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="", value_name="loss")
+    loss_column.plotly_chart(px.line(loss, x="epoch", y="loss", color="", markers=True, title="Loss"),
+                             width="stretch", key=f"loss_{run_id}")
+    score = epochs.melt(id_vars="epoch", value_vars=["val_accuracy", "val_macro_f1"], var_name="", value_name="score")
+    score_column.plotly_chart(
+        px.line(score, x="epoch", y="score", color="", markers=True, title="Validation accuracy and macro-F1"),
+        width="stretch", key=f"score_{run_id}",
+    )
+
+
+def live_run(db, run: dict) -> None:
+    progress = run["progress"]
+    if run["status"] == jobs.RunStatus.QUEUED:
+        st.info(f"Run #{run['id']} is queued: it starts when the run before it finishes.")
+    else:
+        fraction = jobs.progress_fraction(progress)
+        parts = [f"Run #{run['id']} {run['status']}"]
+        if progress:
+            parts.append(progress["phase"])
+            if progress.get("epochs"):
+                parts.append(f"epoch {progress['epoch']} of {progress['epochs']}")
+            if progress.get("loss") is not None:
+                parts.append(f"loss {progress['loss']:.3f}")
+            if (eta := jobs.eta_seconds(progress)) is not None:
+                parts.append(f"about {_duration(eta)} left")
+        st.progress(fraction, text=" · ".join(parts))
+    if run["status"] in (jobs.RunStatus.QUEUED, jobs.RunStatus.RUNNING):
+        if st.button("Cancel", key=f"cancel_{run['id']}"):
+            jobs.cancel(db, run["id"])
+            st.rerun(scope="fragment")
+    curves(db, run["id"])
+
+
+def last_run(db, run: dict) -> None:
+    metrics = run["metrics"] or {}
+    if run["status"] == jobs.RunStatus.SUCCEEDED:
+        st.success(
+            f"Run #{run['id']} succeeded in {_duration(jobs.run_seconds(run))}: validation accuracy "
+            f"{metrics.get('val_accuracy', 0):.1%}, macro-F1 {metrics.get('val_macro_f1', 0):.3f}."
+        )
+    elif run["status"] == jobs.RunStatus.FAILED:
+        st.error(f"Run #{run['id']} failed: {run['error']}")
+    else:
+        st.warning(f"Run #{run['id']} was cancelled." + (f" {run['error']}" if run["error"] else ""))
+    curves(db, run["id"])
+
+
+def history(db, runs: list[dict]) -> None:
+    st.subheader("Runs")
+    if not runs:
+        st.caption("No runs yet.")
+        return
+    table = pd.DataFrame(
+        [
+            {
+                "run": run["id"],
+                "current": "✅" if run["is_current"] else "",
+                "status": run["status"],
+                "strategy": (run["config"] or {}).get("strategy", ""),
+                "backbone": (run["config"] or {}).get("backbone", ""),
+                "images": run["items"],
+                "val accuracy": (run["metrics"] or {}).get("val_accuracy"),
+                "val macro-F1": (run["metrics"] or {}).get("val_macro_f1"),
+                "time": _duration(jobs.run_seconds(run)),
+                "created": run["created_at"][:19].replace("T", " "),
+                # A traceback's last line says what went wrong; the whole text is in the run record.
+                "error": (run["error"] or "").strip().rsplit("\n", 1)[-1],
+            }
+            for run in runs
+        ]
+    )
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={"val accuracy": st.column_config.NumberColumn(format="percent")})
+    promotable = [run["id"] for run in runs if run["status"] == jobs.RunStatus.SUCCEEDED and not run["is_current"]]
+    if promotable:
+        columns = st.columns([1, 3])
+        chosen = columns[0].selectbox("Use the model of run", promotable, key="promote_run")
+        if columns[0].button("Make current", key="promote"):
+            jobs.promote(db, chosen)
+            st.rerun(scope="fragment")
+
+
+def live_section() -> None:
+    db = state.db()
+    jobs.reap(state.workspace(), db)
+    active = jobs.active_runs(db)
+    runs = jobs.list_runs(db)
+    training = [run for run in active if run["status"] in jobs.ACTIVE_STATUSES]
+    if training or active:
+        for run in training or active[:1]:
+            live_run(db, run)
+        if len(active) > 1:
+            st.caption(f"{len(active) - len(training or active[:1])} more run(s) queued.")
+    elif runs:
+        last_run(db, runs[0])
+    item_counts = jobs.run_item_counts(db)
+    for run in runs:
+        run["items"] = item_counts.get(run["id"], 0)
+    history(db, runs)
+
+
+st.title("Train")
+database = state.db()
+start_section(database)
+st.divider()
+refresh = LIVE_REFRESH_SECONDS if jobs.active_runs(database) else IDLE_REFRESH_SECONDS
+st.fragment(run_every=refresh)(live_section)()

@@ -1,0 +1,87 @@
+"""A succeeded training run built directly (no training), for the export, predict and backup tests."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from sqlite_utils import Database
+
+from core import ingest
+from core.backbones import get_spec
+from core.catalog import now
+from core.checkpoints import TrainedModel, build_classifier, run_checkpoint_path, save_checkpoint
+from core.workspace import Workspace
+
+CLASSES = ["apple", "sky"]
+BASE_COLOURS = {"apple": (200, 40, 30), "sky": (40, 90, 210)}
+# timm's tiny test network: same code paths as a real backbone at a fraction of the cost.
+TINY_BACKBONE = "test_efficientnet"
+
+
+def add_images(ws: Workspace, db: Database, per_split: dict[str, int], size=(40, 32)) -> None:
+    """Distinct small images of each class (colour jittered per image), pinned to their splits."""
+    rng = np.random.default_rng(0)
+    for name, colour in BASE_COLOURS.items():
+        for split, count in per_split.items():
+            for i in range(count):
+                jitter = tuple(int(c) for c in np.clip(np.array(colour) + rng.integers(-40, 40, 3), 0, 255))
+                pixels = np.full((size[1], size[0], 3), jitter, dtype=np.uint8)
+                pixels[: size[1] // 2, : size[0] // 3] = rng.integers(0, 255, 3, dtype=np.uint8)
+                out = io.BytesIO()
+                Image.fromarray(pixels).save(out, format="PNG")
+                data = out.getvalue()
+                outcome = ingest.ingest_bytes(ws, db, data, f"{name}_{split}_{i}.png", name, split, who="tester")
+                assert outcome.status == "added", outcome
+
+
+def tiny_model(classes: list[str]) -> TrainedModel:
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=len(classes), exportable=True)
+    return TrainedModel(model.eval(), classes, TINY_BACKBONE, get_spec(TINY_BACKBONE).preprocessing)
+
+
+def lite0_model(classes: list[str]) -> TrainedModel:
+    torch.manual_seed(0)
+    spec = get_spec("efficientnet_lite0")
+    return TrainedModel(build_classifier(spec.name, len(classes)).eval(), classes, spec.name, spec.preprocessing)
+
+
+def make_succeeded_run(ws: Workspace, db: Database, trained: TrainedModel, current: bool = True) -> int:
+    """A `runs` row that succeeded, its checkpoint, its run_items snapshot and its predictions."""
+    class_ids = {r["name"]: r["id"] for r in db.query("SELECT id, name FROM classes")}
+    labelled = list(
+        db.query(
+            "SELECT images.id, images.path, classes.name AS label, splits.split FROM images "
+            "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
+            "JOIN splits ON splits.image_id = images.id ORDER BY images.id"
+        )
+    )
+    transform = trained.preprocessing.eval_transform()
+    with torch.inference_mode():
+        batch = torch.stack([transform(ingest.open_image_rgb(ws.root / r["path"])) for r in labelled])
+        probs = torch.softmax(trained.model(batch), dim=1).numpy()
+    with db.atomic():
+        if current:
+            db.execute("UPDATE runs SET is_current = 0")
+        run_id = db.execute(
+            "INSERT INTO runs (status, config, created_at, started_at, finished_at, metrics, is_current) "
+            "VALUES ('succeeded', ?, ?, ?, ?, ?, ?)",
+            [json.dumps({"backbone": trained.backbone, "epochs": 1}), now(), now(), now(),
+             json.dumps({"val_accuracy": 0.5}), int(current)],
+        ).lastrowid
+        for row, p in zip(labelled, probs):
+            db.execute(
+                "INSERT INTO run_items (run_id, image_id, class_id, split) VALUES (?, ?, ?, ?)",
+                [run_id, row["id"], class_ids[row["label"]], row["split"]],
+            )
+            db.execute(
+                "INSERT INTO predictions (run_id, image_id, split, predicted_class_id, probs) VALUES (?, ?, ?, ?, ?)",
+                [run_id, row["id"], row["split"], class_ids[trained.classes[int(p.argmax())]], json.dumps(p.tolist())],
+            )
+    save_checkpoint(run_checkpoint_path(ws, run_id), trained)
+    return run_id

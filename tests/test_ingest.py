@@ -1,0 +1,273 @@
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import catalog, ingest
+from core.errors import LoupeError
+from tests.conftest import image_bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(side: int) -> bytes:
+    """A 1-bit PNG claiming side x side pixels whose data compresses to almost nothing."""
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(64)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def cmyk_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def png16() -> bytes:
+    values = np.zeros((16, 32), dtype=np.uint16)
+    values[:, 16:] = 65535
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format="PNG")
+    return out.getvalue()
+
+
+def palette_png_with_transparency() -> bytes:
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    img.paste(1, (10, 0, 20, 20))
+    out = io.BytesIO()
+    img.save(out, format="PNG", transparency=0)
+    return out.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (24, 16), color) for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return out.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    out = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 10)).save(out, format="JPEG", exif=exif)
+    return out.getvalue()
+
+
+HOSTILE_CORPUS = {
+    # name: (bytes, expected status, words the rejection reason contains)
+    "not_an_image.jpg": (b"<html>this is not a photo</html>" * 10, "rejected", "not an image"),
+    "truncated.jpg": (image_bytes((9, 9, 9), size=(64, 64), fmt="JPEG")[:300], "rejected", "truncated"),
+    "bomb.png": (bomb_png(20_000), "rejected", "decompression bomb"),
+    "bomb_just_over.png": (bomb_png(10_000), "rejected", "decompression bomb"),
+    "cmyk.jpg": (cmyk_jpeg(), "added", ""),
+    "sixteen_bit.png": (png16(), "added", ""),
+    "palette_alpha.png": (palette_png_with_transparency(), "added", ""),
+    "animated.gif": (animated_gif(), "added", ""),
+    "rotated.jpg": (exif_rotated_jpeg(), "added", ""),
+    "empty.jpg": (b"", "rejected", "empty"),
+    "../../evil.jpg": (image_bytes((1, 2, 3)), "added", ""),
+    "photo.pdf.jpg": (b"%PDF-1.4\n" + b"0" * 200, "rejected", "not an image"),
+}
+
+
+def assert_catalog_consistent(ws, db) -> None:
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = list(db.query("SELECT path, thumb_path FROM images"))
+    expected = {r["path"] for r in rows} | {r["thumb_path"] for r in rows}
+    on_disk = {
+        p.relative_to(ws.root).as_posix()
+        for folder in (ws.images_dir, ws.thumbs_dir)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+    assert on_disk == expected
+
+
+def test_hostile_corpus_each_file_gets_the_right_outcome(workspace, db, tmp_path):
+    items = [ingest.ImportItem(name, lambda data=data: data) for name, (data, _, _) in HOSTILE_CORPUS.items()]
+    outcomes = ingest.ingest_items(workspace, db, items)
+    for (name, (_, status, reason)), outcome in zip(HOSTILE_CORPUS.items(), outcomes):
+        assert outcome.status == status, (name, outcome)
+        assert reason in outcome.reason, (name, outcome)
+    assert_catalog_consistent(workspace, db)
+    # a hostile name is only a display name: nothing was written outside the workspace
+    assert not (tmp_path / "evil.jpg").exists() and not (workspace.root.parent.parent / "evil.jpg").exists()
+    names = {r["original_name"] for r in db.query("SELECT original_name FROM images")}
+    assert "evil.jpg" in names and not any("/" in n or ".." in n for n in names)
+
+
+def test_hostile_images_are_normalised_to_rgb(workspace, db):
+    def decoded(name):
+        return ingest.decode_image(HOSTILE_CORPUS[name][0])
+
+    cmyk = decoded("cmyk.jpg")
+    assert cmyk.rgb.mode == "RGB" and cmyk.format == "JPEG"
+    assert cmyk.rgb.getpixel((5, 5))[0] > 200 and cmyk.rgb.getpixel((5, 5))[1] < 60
+    sixteen = np.asarray(decoded("sixteen_bit.png").rgb)
+    assert sixteen[0, 0].tolist() == [0, 0, 0] and sixteen[0, 31].tolist() == [255, 255, 255]
+    palette = decoded("palette_alpha.png").rgb
+    assert palette.getpixel((2, 2)) == (255, 255, 255) and palette.getpixel((15, 2)) == (0, 0, 255)
+    gif = decoded("animated.gif")
+    assert (gif.format, gif.width, gif.height) == ("GIF", 24, 16)
+    assert gif.rgb.getpixel((1, 1))[0] > 200
+    rotated = decoded("rotated.jpg")
+    assert (rotated.width, rotated.height) == (20, 40)
+
+
+def test_added_image_keeps_original_bytes_and_thumbnail(workspace, db):
+    data = HOSTILE_CORPUS["rotated.jpg"][0]
+    outcome = ingest.ingest_bytes(workspace, db, data, "rotated.jpg")
+    row = catalog.get_image(db, outcome.image_id)
+    assert (workspace.root / row["path"]).read_bytes() == data
+    assert (row["width"], row["height"], row["format"]) == (20, 40, "JPEG")
+    with Image.open(workspace.root / row["thumb_path"]) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (20, 40)
+    assert ingest.open_image_rgb(workspace.root / row["path"]).size == (20, 40)
+    with Image.open(io.BytesIO(ingest.preview_jpeg(workspace.root / row["path"], max_side=10))) as preview:
+        assert max(preview.size) == 10
+
+
+def test_duplicates_are_reported_not_stored_twice(workspace, db):
+    data = image_bytes((5, 5, 5))
+    first = ingest.ingest_bytes(workspace, db, data, "a.png")
+    second = ingest.ingest_bytes(workspace, db, data, "copy of a.png", label="ants")
+    assert first.status == "added"
+    assert (second.status, second.image_id, second.reason) == ("duplicate", first.image_id, f"duplicate of #{first.image_id}")
+    assert catalog.count_images(db) == 1
+    # a duplicate arriving with a label labels the unlabelled original
+    assert catalog.get_image(db, first.image_id)["label"] == "ants"
+    assert_catalog_consistent(workspace, db)
+
+
+def test_failed_catalog_write_leaves_no_files(workspace, db, monkeypatch):
+    def broken_insert(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(catalog, "insert_image", broken_insert)
+    with pytest.raises(RuntimeError):
+        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 7)), "a.png")
+    assert_catalog_consistent(workspace, db)
+    assert catalog.count_images(db) == 0
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def test_zip_upload_labels_by_folder_and_pins_splits(workspace, db):
+    data = make_zip(
+        {
+            "dataset/train/ants/a.png": image_bytes((1, 0, 0)),
+            "dataset/train/bees/b.png": image_bytes((2, 0, 0)),
+            "dataset/val/ants/c.png": image_bytes((3, 0, 0)),
+            "dataset/test/bees/d.png": image_bytes((4, 0, 0)),
+            "__MACOSX/dataset/train/ants/._a.png": b"resource fork",
+            "dataset/train/ants/notes.txt": b"not an image",
+        }
+    )
+    outcomes = ingest.ingest_upload(workspace, db, "dataset.zip", data)
+    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "rejected": 1}
+    rows = {r["original_name"]: r for r in db.query(
+        "SELECT original_name, classes.name AS label, split, pinned FROM images JOIN labels ON labels.image_id = images.id "
+        "JOIN classes ON classes.id = labels.class_id JOIN splits ON splits.image_id = images.id"
+    )}
+    assert {n: (r["label"], r["split"], r["pinned"]) for n, r in rows.items()} == {
+        "a.png": ("ants", "train", 1), "b.png": ("bees", "train", 1),
+        "c.png": ("ants", "val", 1), "d.png": ("bees", "test", 1),
+    }
+    assert_catalog_consistent(workspace, db)
+
+
+def test_zip_with_traversal_names_and_a_damaged_zip(workspace, db):
+    data = make_zip({"../../evil.jpg": image_bytes((8, 1, 1)), "/abs/cats/x.png": image_bytes((8, 2, 2))})
+    items = list(ingest.items_from_zip(data))
+    assert [(i.label, i.split) for i in items] == [(None, None), ("cats", None)]
+    outcomes = ingest.ingest_upload(workspace, db, "evil.zip", data)
+    assert [o.status for o in outcomes] == ["added", "added"]
+    assert catalog.class_names(db) == ["cats"]
+    [damaged] = ingest.ingest_upload(workspace, db, "broken.zip", b"PK\x03\x04 not really")
+    assert damaged.status == "rejected" and "zip" in damaged.reason
+    assert_catalog_consistent(workspace, db)
+
+
+def test_damaged_zip_entry_is_rejected_alone(workspace, db):
+    good, bad = image_bytes((3, 3, 3)), image_bytes((4, 4, 4))
+    data = bytearray(make_zip({"good.png": good, "bad.png": bad}))
+    start = data.find(bad)
+    data[start + 20 : start + 30] = b"\x00" * 10  # CRC no longer matches
+    outcomes = ingest.ingest_upload(workspace, db, "mixed.zip", bytes(data))
+    assert [o.status for o in outcomes] == ["added", "rejected"]
+    assert "zip entry" in outcomes[1].reason
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def test_folder_import_imagefolder_layout(workspace, db, tmp_path):
+    root = write_tree(
+        tmp_path / "photos",
+        {
+            "ants/a.png": image_bytes((10, 0, 0)),
+            "ants/b.jpg": image_bytes((11, 0, 0), fmt="JPEG"),
+            "bees/c.png": image_bytes((12, 0, 0)),
+            "bees/.hidden.png": image_bytes((13, 0, 0)),
+            "loose.png": image_bytes((14, 0, 0)),
+        },
+    )
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
+    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "rejected": 0}
+    assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 2
+    assert catalog.count_images(db, catalog.ImageFilter(class_name="bees")) == 1
+    assert catalog.count_images(db, catalog.ImageFilter(unlabelled=True)) == 1
+    again = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
+    assert ingest.summarise(again) == {"added": 0, "duplicates": 4, "rejected": 0}
+    with pytest.raises(LoupeError, match="not a folder"):
+        ingest.items_from_path(tmp_path / "missing")
+
+
+def test_folder_import_pins_train_val_test(workspace, db, tmp_path):
+    root = write_tree(
+        tmp_path / "hymenoptera",
+        {f"{split}/{cls}/{n}.png": image_bytes((n, i, j))
+         for i, split in enumerate(catalog.SPLITS) for j, cls in enumerate(["ants", "bees"]) for n in range(2)},
+    )
+    ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    for split in catalog.SPLITS:
+        assert catalog.count_images(db, catalog.ImageFilter(split=split)) == 4
+    assert db.execute("SELECT min(pinned) FROM splits").fetchone()[0] == 1
+
+
+def test_list_file_import(workspace, db, tmp_path):
+    write_tree(tmp_path / "imgs", {"one.png": image_bytes((20, 0, 0)), "two words.png": image_bytes((21, 0, 0))})
+    listing = tmp_path / "labels.txt"
+    listing.write_text("# path label\nimgs/one.png cat\n\nimgs/two words.png dog\nimgs/missing.png dog\n")
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(listing))
+    assert [o.status for o in outcomes] == ["added", "added", "rejected"]
+    assert "cannot read" in outcomes[2].reason
+    assert catalog.get_image(db, outcomes[1].image_id)["label"] == "dog"
+    listing.write_text("just-one-field\n")
+    with pytest.raises(LoupeError, match="line 1"):
+        ingest.items_from_list_file(listing)
+    listing.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(LoupeError, match="Cannot read"):
+        ingest.items_from_list_file(listing)

@@ -1,0 +1,184 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import add_labelled_images
+from core import catalog, jobs
+from core.catalog import now
+from core.errors import LoupeError
+from core.jobs import RunStatus
+from core.training import PRESETS
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def set_run(db, run_id: int, **columns) -> None:
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*columns.values(), run_id])
+
+
+def test_create_run_queues_a_snapshot_that_later_labelling_does_not_change(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.QUEUED
+    assert run["config"] == PRESETS["quick"].to_dict()
+    snapshot = {r["image_id"]: (r["class_id"], r["split"]) for r in db.query("SELECT * FROM run_items")}
+    labels = {r["image_id"]: r["class_id"] for r in db.query("SELECT * FROM labels")}
+    assert {image_id: class_id for image_id, (class_id, _) in snapshot.items()} == labels
+    assert len(snapshot) == 14
+
+    relabelled = next(iter(snapshot))
+    catalog.set_label(db, relabelled, "green", "tester")
+    dataset, class_ids = jobs.run_dataset(labelled_workspace, db, run_id)
+
+    assert dataset.classes == ["red", "blue"]
+    assert class_ids == [catalog.require_class(db, name)["id"] for name in ("red", "blue")]
+    labelled = {item.image_id: item for item in dataset.items if item.label is not None}
+    assert dataset.classes[labelled[relabelled].label] == "red"
+    assert {i: (class_ids[item.label], item.split) for i, item in labelled.items()} == snapshot
+    unlabelled = [item for item in dataset.items if item.label is None]
+    assert len(unlabelled) == 2 and {item.split for item in unlabelled} == {jobs.UNLABELLED_SPLIT}
+    assert all(item.path.is_file() for item in dataset.items)
+
+
+def test_create_run_refuses_a_single_class_and_queues_nothing(workspace, db):
+    add_labelled_images(workspace, db, {"red": {"train": 4, "val": 2}})
+
+    with pytest.raises(LoupeError, match="(?i)class"):
+        jobs.create_run(workspace, db, PRESETS["quick"])
+    assert jobs.list_runs(db) == []
+
+
+def test_create_run_refuses_a_class_without_validation_images(workspace, db):
+    add_labelled_images(workspace, db, {"red": {"train": 4, "val": 2}, "blue": {"train": 4}})
+
+    with pytest.raises(LoupeError, match="blue"):
+        jobs.create_run(workspace, db, PRESETS["quick"])
+    assert jobs.list_runs(db) == []
+
+
+def test_only_one_run_trains_at_a_time(labelled_workspace, db):
+    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+
+    assert jobs.claim_run(db, first, 1001)
+    assert not jobs.claim_run(db, second, 1002)
+    assert jobs.get_run(db, second)["status"] == RunStatus.QUEUED
+    assert jobs.get_run(db, second)["pid"] is None
+    # A busy workspace launches nothing; the queued run waits.
+    assert jobs.start_next_queued(labelled_workspace, db) == []
+
+    catalog.set_setting(db, jobs.MAX_ACTIVE_RUNS_SETTING, 2)
+    assert jobs.claim_run(db, second, 1002)
+    assert [r["id"] for r in jobs.active_runs(db)] == [first, second]
+
+
+def test_cancel_a_queued_run_cancels_it_and_a_running_one_asks_it_to_stop(labelled_workspace, db):
+    queued = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    assert jobs.cancel(db, queued) == RunStatus.CANCELLED
+    assert jobs.get_run(db, queued)["finished_at"]
+
+    running = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    jobs.claim_run(db, running, 1001)
+    assert jobs.cancel(db, running) == RunStatus.CANCELLING
+    assert jobs.get_run(db, running)["cancel_requested_at"]
+    # A finished run stays as it is.
+    assert jobs.cancel(db, queued) == RunStatus.CANCELLED
+
+
+def test_reap_fails_a_run_whose_worker_is_gone_but_waits_for_a_stale_heartbeat(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    jobs.claim_run(db, run_id, dead_pid())
+
+    assert jobs.reap(labelled_workspace, db) == []
+    assert jobs.get_run(db, run_id)["status"] == RunStatus.RUNNING
+
+    set_run(db, run_id, heartbeat_at="2000-01-01T00:00:00.000+00:00")
+    assert jobs.reap(labelled_workspace, db) == [run_id]
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.FAILED
+    assert run["error"] == jobs.CRASHED_REASON
+    assert run["finished_at"]
+
+
+def test_reap_fails_a_queued_run_whose_worker_died_before_starting(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    set_run(db, run_id, pid=dead_pid())
+
+    assert jobs.reap(labelled_workspace, db) == [run_id]
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.FAILED
+    assert run["error"].startswith(jobs.NEVER_STARTED_REASON)
+
+
+def test_reap_stops_a_run_that_ignores_its_cancel(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    # A live process in its own group that never looks at the catalog.
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "core.worker"], start_new_session=True
+    )
+    jobs.claim_run(db, run_id, stubborn.pid)
+    jobs.cancel(db, run_id)
+
+    assert jobs.reap(labelled_workspace, db) == []
+    assert jobs.reap(labelled_workspace, db, cancel_grace=0) == [run_id]
+    assert stubborn.wait(timeout=10) == -9
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.CANCELLED
+    assert "did not stop" in run["error"]
+
+
+def test_promote_only_a_succeeded_run_and_only_one_is_current(labelled_workspace, db):
+    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    with pytest.raises(LoupeError, match="did not succeed"):
+        jobs.promote(db, first)
+
+    for run_id in (first, second):
+        set_run(db, run_id, status=str(RunStatus.SUCCEEDED))
+    jobs.promote(db, first)
+    assert jobs.current_run(db)["id"] == first
+    jobs.promote(db, second)
+    assert jobs.current_run(db)["id"] == second
+    assert [r["id"] for r in db.query("SELECT id FROM runs WHERE is_current = 1")] == [second]
+
+
+def test_finish_succeeded_stores_predictions_and_metrics_and_makes_the_run_current(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    jobs.claim_run(db, run_id, 1001)
+    red = catalog.require_class(db, "red")["id"]
+    jobs.finish_succeeded(db, run_id, {"val_accuracy": 0.5}, [(1, "val", red, [0.9, 0.1])])
+
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.SUCCEEDED and run["is_current"] == 1
+    assert run["metrics"] == {"val_accuracy": 0.5}
+    row = next(db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id]))
+    assert (row["image_id"], row["split"], row["predicted_class_id"], json.loads(row["probs"])) == (
+        1, "val", red, [0.9, 0.1]
+    )
+
+
+def test_progress_fraction_and_eta_follow_epochs_and_batches():
+    progress = {
+        "phase": "train", "step": 5, "total": 10, "epoch": 2, "epochs": 4, "loss": 0.5,
+        "phase_started_at": "2026-01-01T00:00:00.000+00:00", "at": "2026-01-01T00:00:15.000+00:00",
+    }
+    assert jobs.progress_fraction(progress) == pytest.approx(1.5 / 4)
+    assert jobs.eta_seconds(progress) == pytest.approx(25.0)
+    assert jobs.progress_fraction({**progress, "epochs": 0, "epoch": 0}) == pytest.approx(0.5)
+    assert jobs.progress_fraction(None) == 0.0
+    assert jobs.eta_seconds(None) is None
+
+
+def test_run_seconds_from_start_to_finish():
+    run = {"started_at": "2026-01-01T00:00:00.000+00:00", "finished_at": "2026-01-01T00:01:02.500+00:00"}
+    assert jobs.run_seconds(run) == pytest.approx(62.5)
+    assert jobs.run_seconds({"started_at": None}) is None
+    assert jobs.run_seconds({"started_at": now(), "finished_at": None}) < 5

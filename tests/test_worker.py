@@ -1,0 +1,170 @@
+"""The worker as a real background process: train, cancel, kill, and label while it trains."""
+
+import dataclasses
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import add_labelled_images, stop_workers
+from core import catalog, jobs
+from core.checkpoints import load_run_model, run_checkpoint_path
+from core.jobs import RunStatus
+from core.training import PRESETS
+from core.workspace import connect, open_workspace
+
+# Fine-tuning for many epochs: long enough to cancel or kill it mid-run, whatever the machine.
+SLOW_CONFIG = dataclasses.replace(PRESETS["thorough"], epochs=500)
+QUICK_ONE_EPOCH = dataclasses.replace(PRESETS["quick"], epochs=1)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not true within {timeout} s: {condition.__doc__ or condition}")
+
+
+def start(ws, db, config) -> int:
+    run_id = jobs.create_run(ws, db, config)
+    assert jobs.start_next_queued(ws, db) == [run_id]
+    return run_id
+
+
+def wait_until_training(db, run_id: int) -> dict:
+    def training():
+        """the run is running and has reported progress"""
+        run = jobs.get_run(db, run_id)
+        assert run["status"] in (RunStatus.QUEUED, RunStatus.RUNNING), run["error"]
+        return run if run["status"] == RunStatus.RUNNING and run["progress"] else None
+
+    return wait_for(training, timeout=90)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with one run trained by a real worker, and the statuses seen while it ran."""
+    ws = open_workspace(tmp_path_factory.mktemp("trained") / "ws")
+    db = connect(ws)
+    add_labelled_images(ws, db, {"red": {"train": 4, "val": 2, "test": 1}, "blue": {"train": 4, "val": 2, "test": 1}}, 2)
+    run_id = start(ws, db, QUICK_ONE_EPOCH)
+    seen = []
+
+    def finished():
+        status = jobs.get_run(db, run_id)["status"]
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        return status in jobs.FINISHED_STATUSES
+
+    wait_for(finished, timeout=120, interval=0.02)
+    yield ws, db, run_id, seen
+    stop_workers(ws)
+    db.close()
+
+
+def test_a_run_goes_from_queued_through_running_to_succeeded(trained):
+    ws, db, run_id, seen = trained
+    run = jobs.get_run(db, run_id)
+    assert seen == [RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SUCCEEDED], run["error"]
+    assert run["is_current"] == 1 and jobs.current_run(db)["id"] == run_id
+    assert run["started_at"] and run["finished_at"] and run["heartbeat_at"]
+    assert 0.0 <= run["metrics"]["val_accuracy"] <= 1.0
+    assert 0.0 <= run["metrics"]["val_macro_f1"] <= 1.0
+    wait_for(lambda: not jobs.worker_alive(run["pid"]), timeout=10)
+
+
+def test_a_succeeded_run_leaves_its_model_predictions_and_epochs(trained):
+    ws, db, run_id, _ = trained
+    model = load_run_model(ws, run_id)
+    assert model.classes == ["red", "blue"]
+    assert not list(run_checkpoint_path(ws, run_id).parent.glob(".tmp-*"))
+
+    predictions = list(db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id]))
+    splits = sorted(p["split"] for p in predictions)
+    assert splits == sorted(["train"] * 8 + ["val"] * 4 + ["test"] * 2 + ["unlabelled"] * 2)
+    class_ids = {catalog.require_class(db, name)["id"] for name in model.classes}
+    assert {p["predicted_class_id"] for p in predictions} <= class_ids
+
+    epochs = jobs.run_epochs(db, run_id)
+    assert [e["epoch"] for e in epochs] == [1]
+    assert epochs[0]["train_loss"] is not None and epochs[0]["seconds"] > 0
+
+
+def test_cancel_stops_a_training_run_within_seconds(labelled_workspace, db):
+    run_id = start(labelled_workspace, db, SLOW_CONFIG)
+    pid = wait_until_training(db, run_id)["pid"]
+
+    assert jobs.cancel(db, run_id) == RunStatus.CANCELLING
+    cancelled_at = time.monotonic()
+    wait_for(lambda: jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED, timeout=10)
+    assert time.monotonic() - cancelled_at < 10
+    wait_for(lambda: not jobs.worker_alive(pid), timeout=10)
+    assert jobs.current_run(db) is None
+    assert not run_checkpoint_path(labelled_workspace, run_id).exists()
+
+
+def test_a_killed_worker_leaves_a_failed_run_an_intact_catalog_and_the_previous_model(trained):
+    ws, db, previous, _ = trained
+    run_id = start(ws, db, SLOW_CONFIG)
+    pid = wait_until_training(db, run_id)["pid"]
+
+    os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: not jobs.worker_alive(pid), timeout=10)
+    assert jobs.reap(ws, db) == []  # its heartbeat is still fresh
+    assert jobs.reap(ws, db, stale_after=0) == [run_id]
+
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.FAILED
+    assert run["error"] == jobs.CRASHED_REASON
+    assert next(db.query("PRAGMA integrity_check"))["integrity_check"] == "ok"
+    assert jobs.current_run(db)["id"] == previous
+    assert load_run_model(ws, previous).classes == ["red", "blue"]
+
+
+def test_labelling_while_a_run_trains_never_finds_the_database_locked(labelled_workspace, db):
+    run_id = start(labelled_workspace, db, SLOW_CONFIG)
+    heartbeat_before = wait_until_training(db, run_id)["heartbeat_at"]
+    unlabelled = catalog.image_ids(db, catalog.ImageFilter(unlabelled=True))
+
+    changes = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for image_id in unlabelled:
+            catalog.set_label(db, image_id, "red" if changes % 2 else "blue", "tester")
+            catalog.set_label(db, image_id, None, "tester")
+            changes += 2
+    catalog.undo_last_label(db, "tester")
+
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.RUNNING
+    assert changes > 20
+    assert run["heartbeat_at"] > heartbeat_before  # the worker kept writing meanwhile
+    jobs.cancel(db, run_id)
+    wait_for(lambda: jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED, timeout=10)
+
+
+def test_a_worker_refuses_a_run_that_is_not_queued(labelled_workspace, db):
+    from core.worker import run_worker
+
+    run_id = jobs.create_run(labelled_workspace, db, QUICK_ONE_EPOCH)
+    jobs.cancel(db, run_id)
+    assert run_worker(labelled_workspace, run_id) is None
+    assert jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED
+
+
+def test_the_worker_records_a_failure_with_its_reason(workspace, db):
+    add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
+    run_id = jobs.create_run(workspace, db, QUICK_ONE_EPOCH)
+    # The snapshot points at an image file that is gone by the time the run trains.
+    path = workspace.root / catalog.get_image(db, 1)["path"]
+    path.unlink()
+
+    from core.worker import run_worker
+
+    assert run_worker(workspace, run_id) == RunStatus.FAILED
+    run = jobs.get_run(db, run_id)
+    assert run["status"] == RunStatus.FAILED and run["error"]
+    assert jobs.current_run(db) is None
