@@ -38,8 +38,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from core import jobs
     from core.training import PRESETS
     from core.workspace import connect, open_workspace
@@ -48,21 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     db = connect(ws)
     run_id = jobs.create_run(ws, db, PRESETS[args.preset])
     jobs.start_next_queued(ws, db)
-    last_reap = time.monotonic()
-    with tqdm(total=1000, desc="queued", unit="", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        while (run := jobs.get_run(db, run_id))["status"] not in jobs.FINISHED_STATUSES:
-            progress = run["progress"]
-            if progress:
-                bar.set_description(_progress_label(progress), refresh=False)
-                bar.update(int(jobs.progress_fraction(progress) * 1000) - bar.n)
-            try:
-                time.sleep(0.25)
-            except KeyboardInterrupt:
-                bar.write(f"cancelling run {run_id}")
-                jobs.cancel(db, run_id)
-            if time.monotonic() - last_reap > 5:
-                jobs.reap(ws, db)
-                last_reap = time.monotonic()
+    run = _follow_run(ws, db, run_id)
     metrics = run["metrics"] or {}
     seconds = jobs.run_seconds(run)
     print(f"run_id: {run_id}")
@@ -75,9 +59,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if run["status"] == jobs.RunStatus.SUCCEEDED else 1
 
 
-def _progress_label(progress: dict) -> str:
-    epoch = f" epoch {progress['epoch']}/{progress['epochs']}" if progress.get("epochs") else ""
-    return f"{progress['phase']}{epoch}"
+def _follow_run(ws, db, run_id: int) -> dict:
+    """Draw the run's progress until it finishes; Ctrl-C asks it to cancel and keeps waiting."""
+    from tqdm import tqdm
+
+    from core import jobs
+
+    steps = 1000
+    last_reap = time.monotonic()
+    with tqdm(total=steps, desc="queued", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+        while (run := jobs.get_run(db, run_id))["status"] not in jobs.FINISHED_STATUSES:
+            try:
+                if progress := run["progress"]:
+                    epoch = f" epoch {progress['epoch']}/{progress['epochs']}" if progress.get("epochs") else ""
+                    bar.set_description(f"{run['status']}: {progress['phase']}{epoch}", refresh=False)
+                    bar.update(int(jobs.progress_fraction(progress) * steps) - bar.n)
+                if time.monotonic() - last_reap > 5:
+                    jobs.reap(ws, db)
+                    last_reap = time.monotonic()
+                time.sleep(0.25)
+            except KeyboardInterrupt:
+                bar.write(f"cancelling run {run_id}")
+                jobs.cancel(db, run_id)
+    return run
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ from core.workspace import Workspace
 
 # Pillow's format name -> the extension the original bytes are stored under.
 ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+# Many cameras and phones write MPO: a JPEG with further pictures appended. Its first picture is the photo.
+FORMAT_ALIASES = {"MPO": "JPEG"}
 MAX_FILE_BYTES = 200 * 1024 * 1024
 THUMB_SIZE = 256
 
@@ -69,9 +71,8 @@ def decode_image(data: bytes) -> DecodedImage:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
-            if img.format not in ALLOWED_FORMATS:
-                raise LoupeError(f"unsupported image format {img.format}")
+            # Only the allowed decoders ever see the bytes.
+            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
             img.load()
             oriented = ImageOps.exif_transpose(img)
             rgb = to_rgb(oriented)
@@ -81,7 +82,11 @@ def decode_image(data: bytes) -> DecodedImage:
             raise LoupeError("not an image (content is not a supported image format)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise LoupeError(f"corrupt or truncated image: {exc}") from None
-    return DecodedImage(format=img.format, width=rgb.width, height=rgb.height, rgb=rgb)
+        # Decoders fed malformed files raise all sorts (struct.error, IndexError, ...): still one file's problem.
+        except Exception as exc:  # noqa: BLE001
+            raise LoupeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+    image_format = FORMAT_ALIASES.get(img.format, img.format)
+    return DecodedImage(format=image_format, width=rgb.width, height=rgb.height, rgb=rgb)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -116,13 +121,13 @@ def clean_original_name(name: str) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    # Written under a temporary name and renamed, so a file is either whole or absent. No fsync per
+    # file: it halves import speed, and a file lost to a power cut is re-imported from its source.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

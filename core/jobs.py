@@ -292,16 +292,16 @@ def beat(db: Database, run_id: int) -> None:
     db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [now(), run_id])
 
 
-def record_progress(db: Database, run_id: int, progress: dict) -> None:
-    db.execute("UPDATE runs SET progress = ? WHERE id = ?", [json.dumps(progress), run_id])
-
-
-def record_epoch(db: Database, run_id: int, epoch: dict) -> None:
-    db.execute(
-        "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, val_loss, val_accuracy, val_macro_f1, "
-        "lr, seconds) VALUES (:run_id, :epoch, :train_loss, :val_loss, :val_accuracy, :val_macro_f1, :lr, :seconds)",
-        {"run_id": run_id, **epoch},
-    )
+def record_progress(db: Database, run_id: int, progress: dict | None, epochs: list[dict] = ()) -> None:
+    """Store the latest progress and any finished epochs' metrics, in one short transaction."""
+    with write_transaction(db):
+        if progress is not None:
+            db.execute("UPDATE runs SET progress = ? WHERE id = ?", [json.dumps(progress), run_id])
+        db.conn.executemany(
+            "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, val_loss, val_accuracy, val_macro_f1, "
+            "lr, seconds) VALUES (:run_id, :epoch, :train_loss, :val_loss, :val_accuracy, :val_macro_f1, :lr, :seconds)",
+            [{"run_id": run_id, **epoch} for epoch in epochs],
+        )
 
 
 def status_of(db: Database, run_id: int) -> RunStatus:

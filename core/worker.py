@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -55,32 +56,42 @@ class Heartbeat:
         db = connect(self._ws)
         try:
             while not self._stop.wait(self._interval):
-                jobs.beat(db, self._run_id)
+                try:
+                    jobs.beat(db, self._run_id)
+                except sqlite3.OperationalError:
+                    # Busy for longer than the busy timeout: this beat is lost, the next one will do.
+                    continue
         finally:
             db.close()
 
 
 class CatalogReporter:
-    """Training's reporter: progress and epochs into the catalog, cancel requests out of it."""
+    """Training's reporter: progress and epochs into the catalog, cancel requests out of it.
+
+    Writes are batched (at most one commit per PROGRESS_INTERVAL_SECONDS, plus one per new phase):
+    a head on cached features can run hundreds of epochs a second, and every commit costs an fsync.
+    """
 
     def __init__(self, db: Database, run_id: int):
         self._db, self._run_id = db, run_id
         self._phase: str | None = None
         self._phase_started_at = now()
+        self._latest: dict | None = None
+        self._epochs: list[dict] = []
         self._last_write = 0.0
         self._last_poll = 0.0
         self._stop = False
 
     def progress(self, p: Progress) -> None:
-        if p.phase != self._phase:
+        new_phase = p.phase != self._phase
+        if new_phase:
             self._phase, self._phase_started_at = p.phase, now()
-        finished_phase = p.total and p.step >= p.total
-        if time.monotonic() - self._last_write < PROGRESS_INTERVAL_SECONDS and not finished_phase:
-            return
-        self._write(p)
+        self._latest = {**dataclasses.asdict(p), "at": now(), "phase_started_at": self._phase_started_at}
+        self._flush_if_due(force=new_phase)
 
     def epoch(self, m: EpochMetrics) -> None:
-        jobs.record_epoch(self._db, self._run_id, dataclasses.asdict(m))
+        self._epochs.append(dataclasses.asdict(m))
+        self._flush_if_due()
 
     def should_stop(self) -> bool:
         if not self._stop and time.monotonic() - self._last_poll >= CANCEL_POLL_SECONDS:
@@ -88,17 +99,27 @@ class CatalogReporter:
             self._stop = jobs.status_of(self._db, self._run_id) == RunStatus.CANCELLING
         return self._stop
 
-    def _write(self, p: Progress) -> None:
-        record = {**dataclasses.asdict(p), "at": now(), "phase_started_at": self._phase_started_at}
-        jobs.record_progress(self._db, self._run_id, record)
+    def flush(self) -> None:
+        if self._latest is None and not self._epochs:
+            return
+        jobs.record_progress(self._db, self._run_id, self._latest, self._epochs)
+        self._latest, self._epochs = None, []
         self._last_write = time.monotonic()
+
+    def _flush_if_due(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._last_write >= PROGRESS_INTERVAL_SECONDS:
+            self.flush()
 
 
 def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
     """Train the claimed run and store everything it produced; raises on failure or cancel."""
     config = TrainConfig.from_dict(jobs.get_run(db, run_id)["config"])
     dataset, class_ids = jobs.run_dataset(ws, db, run_id)
-    result = train(config, dataset, CatalogReporter(db, run_id), cache=EmbeddingCache(db))
+    reporter = CatalogReporter(db, run_id)
+    try:
+        result = train(config, dataset, reporter, cache=EmbeddingCache(db))
+    finally:
+        reporter.flush()
     save_checkpoint(
         run_checkpoint_path(ws, run_id),
         result.model,

@@ -8,8 +8,10 @@ st.set_page_config(page_title="Loupe", page_icon="🔍", layout="wide")
 
 navigation = st.navigation(
     [
-        st.Page("../pages/home.py", title="Home", icon="🏠", default=True),
-        st.Page("../pages/label.py", title="Label", icon="🏷️"),
+        st.Page("../pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("../pages/label.py", title="Label", icon=":material/label:"),
+        st.Page("../pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("../pages/export.py", title="Export", icon=":material/deployed_code:"),
     ]
 )
 sidebar()

@@ -87,7 +87,7 @@ def grid_mode(db, classes: list[str]) -> None:
     total = catalog.count_images(db, image_filter)
     pages = max(1, math.ceil(total / page_size))
     if st.session_state.get("grid_page", 1) > pages:
-        st.session_state["grid_page"] = 1
+        del st.session_state["grid_page"]  # a narrower filter has fewer pages: start again at the first
     page = st.session_state.get("grid_page", 1)
     rows = catalog.list_images(db, image_filter, limit=page_size, offset=(page - 1) * page_size)
 
@@ -141,6 +141,12 @@ def label_focused(class_name: str | None) -> None:
     st.session_state["focus_id"] = next_image_id(db, image_id) or image_id
 
 
+def label_focused_other() -> None:
+    # Read at click time: arguments bound when the button was drawn may predate what was typed.
+    typed = st.session_state.get("focus_new_class", "").strip()
+    label_focused(typed or st.session_state.get("focus_other"))
+
+
 def step_focus(step: int) -> None:
     neighbour = catalog.neighbour_image_id(state.db(), st.session_state["focus_id"], step)
     if neighbour is not None:
@@ -184,7 +190,7 @@ def _exists(db, image_id: int) -> bool:
 
 
 def focus_mode(db, classes: list[str]) -> None:
-    st.selectbox("Next image", list(NEXT_IMAGE_ORDERS), key="focus_order")
+    st.selectbox("Next image", list(NEXT_IMAGE_ORDERS), key="focus_order", width=300)
     image_id = current_focus_id(db)
     if image_id is None:
         st.info("No images yet: import some on the Home page.")
@@ -206,23 +212,17 @@ def focus_mode(db, classes: list[str]) -> None:
                 type="primary" if name == image["label"] else "secondary",
                 on_click=run_action, args=(label_focused, name),
             )
-        other = st.selectbox(
-            "Another class", classes[SHORTCUT_CLASSES:], key="focus_other", index=None,
-            placeholder="More classes" if len(classes) > SHORTCUT_CLASSES else "Classes 10 and up appear here",
-            disabled=len(classes) <= SHORTCUT_CLASSES,
-        )
-        new_class = st.text_input("Or a new class", key="focus_new_class")
-        chosen = new_class.strip() or other
-        st.button(
-            f"Label as {chosen}" if chosen else "Label as the class above", key="assign_other",
-            on_click=run_action, args=(label_focused, chosen),
-        )
-        move = st.columns(4)
-        move[0].button("← Previous", key="previous", shortcut="Left", on_click=step_focus, args=(-1,))
-        move[1].button("Next →", key="next", shortcut="Right", on_click=step_focus, args=(+1,))
-        move[2].button("Next unlabelled", key="next_unlabelled", shortcut="N", on_click=skip_to_unlabelled)
-        move[3].button(f"Undo ({UNDO_SHORTCUT})", key="undo", shortcut=UNDO_SHORTCUT, on_click=run_action,
-                       args=(undo_label,))
+        if len(classes) > SHORTCUT_CLASSES:
+            st.selectbox("More classes", classes[SHORTCUT_CLASSES:], key="focus_other", index=None)
+        st.text_input("New class", key="focus_new_class", placeholder="Type a class name, then press the button")
+        st.button("Label with the class above", key="assign_other", on_click=run_action, args=(label_focused_other,))
+        move = st.columns(2)
+        move[0].button("Previous", key="previous", shortcut="Left", on_click=step_focus, args=(-1,), width="stretch")
+        move[1].button("Next", key="next", shortcut="Right", on_click=step_focus, args=(+1,), width="stretch")
+        move[0].button("Next unlabelled", key="next_unlabelled", shortcut="N", on_click=skip_to_unlabelled,
+                       width="stretch")
+        move[1].button("Undo my last label", key="undo", shortcut=UNDO_SHORTCUT, on_click=run_action,
+                       args=(undo_label,), width="stretch")
         st.caption("Keys: 1-9 label, ← → move, N next unlabelled, U undo your last label.")
         history = catalog.label_history(db, image_id)
         if history:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 from sqlite_utils import Database
 
 from core import ingest
@@ -17,26 +14,8 @@ from core.catalog import now
 from core.checkpoints import TrainedModel, build_classifier, run_checkpoint_path, save_checkpoint
 from core.workspace import Workspace
 
-CLASSES = ["apple", "sky"]
-BASE_COLOURS = {"apple": (200, 40, 30), "sky": (40, 90, 210)}
-# timm's tiny test network: same code paths as a real backbone at a fraction of the cost.
+# timm's tiny test network: the same code paths as a real backbone at a fraction of the cost.
 TINY_BACKBONE = "test_efficientnet"
-
-
-def add_images(ws: Workspace, db: Database, per_split: dict[str, int], size=(40, 32)) -> None:
-    """Distinct small images of each class (colour jittered per image), pinned to their splits."""
-    rng = np.random.default_rng(0)
-    for name, colour in BASE_COLOURS.items():
-        for split, count in per_split.items():
-            for i in range(count):
-                jitter = tuple(int(c) for c in np.clip(np.array(colour) + rng.integers(-40, 40, 3), 0, 255))
-                pixels = np.full((size[1], size[0], 3), jitter, dtype=np.uint8)
-                pixels[: size[1] // 2, : size[0] // 3] = rng.integers(0, 255, 3, dtype=np.uint8)
-                out = io.BytesIO()
-                Image.fromarray(pixels).save(out, format="PNG")
-                data = out.getvalue()
-                outcome = ingest.ingest_bytes(ws, db, data, f"{name}_{split}_{i}.png", name, split, who="tester")
-                assert outcome.status == "added", outcome
 
 
 def tiny_model(classes: list[str]) -> TrainedModel:

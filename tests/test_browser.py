@@ -80,6 +80,12 @@ class Session:
         self.page.get_by_role("heading", name=title if title != "Home" else "Loupe").wait_for(timeout=TIMEOUT_MS)
         self.wait_idle()
 
+    def set_user(self, name: str) -> None:
+        box = self.page.get_by_role("textbox", name="Your name")
+        box.fill(name)
+        box.press("Enter")
+        self.wait_idle()
+
     def db(self):
         return connect(Workspace(self.workspace))
 
@@ -98,7 +104,7 @@ def step_upload_three_images(session: Session) -> None:
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(files)
     page.get_by_text("added: 3, duplicates: 0, rejected: 0").wait_for(timeout=TIMEOUT_MS)
     for name in ["meadow", "sky"]:
-        box = page.get_by_label("New class")
+        box = page.get_by_role("textbox", name="New class")
         box.fill(name)
         box.press("Enter")
         session.wait_idle()
@@ -115,11 +121,15 @@ def step_label_one_by_keyboard(session: Session, tmp_path: Path) -> None:
     page.get_by_role("button", name="1 · meadow").wait_for(timeout=TIMEOUT_MS)
     session.wait_idle()
     page.get_by_text("#1", exact=True).wait_for(timeout=TIMEOUT_MS)
+    session.set_user("ana")
+    # Shortcuts are ignored while a form field (here the mode switch just clicked) has the focus.
+    page.evaluate("document.activeElement && document.activeElement.blur()")
     page.keyboard.press("1")
     page.get_by_text("#2", exact=True).wait_for(timeout=TIMEOUT_MS)
+    page.get_by_role("button", name="Select all matching").wait_for(state="detached", timeout=TIMEOUT_MS)
     session.wait_idle()
     image = catalog.get_image(session.db(), 1)
-    assert (image["label"], image["labelled_by"]) == ("meadow", "anonymous")
+    assert (image["label"], image["labelled_by"]) == ("meadow", "ana")
     session.screenshot("label-page.png", tmp_path)
 
 
@@ -144,8 +154,12 @@ def test_browser_session(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.goto(url)
                 session = Session(page, url, workspace)
-                step_upload_three_images(session)
-                step_label_one_by_keyboard(session, tmp_path)
+                try:
+                    step_upload_three_images(session)
+                    step_label_one_by_keyboard(session, tmp_path)
+                except Exception:
+                    page.screenshot(path=str(tmp_path / "failure.png"))
+                    raise
             finally:
                 browser.close()
     finally:

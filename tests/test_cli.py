@@ -6,7 +6,7 @@ import pytest
 from core import catalog
 from core.cli import build_parser, main
 from core.workspace import connect, open_workspace
-from tests.conftest import image_bytes
+from tests.conftest import add_labelled_images, image_bytes
 
 
 def make_folder(root):
@@ -55,3 +55,31 @@ def test_serve_defaults_to_the_data_workspace(monkeypatch):
     monkeypatch.delenv("LOUPE_WORKSPACE", raising=False)
     args = build_parser().parse_args(["serve"])
     assert (args.workspace, args.port) == ("data", 8501)
+
+
+def test_train_runs_a_worker_and_prints_the_validation_figures(labelled_workspace, capsys):
+    assert main(["train", "--workspace", str(labelled_workspace.root), "--preset", "quick"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert list(lines) == ["run_id", "status", "val_accuracy", "val_macro_f1", "seconds"]
+    assert (lines["run_id"], lines["status"]) == ("1", "succeeded")
+    assert 0.0 <= float(lines["val_accuracy"]) <= 1.0 and 0.0 <= float(lines["val_macro_f1"]) <= 1.0
+    assert float(lines["seconds"]) > 0
+
+
+def test_train_exits_non_zero_when_the_run_fails(labelled_workspace, capsys):
+    db = connect(labelled_workspace)
+    # An image the run will train on is gone from disk: the worker fails, naming the file.
+    missing = labelled_workspace.root / catalog.get_image(db, 1)["path"]
+    missing.unlink()
+    assert main(["train", "--workspace", str(labelled_workspace.root), "--preset", "quick"]) == 1
+    captured = capsys.readouterr()
+    assert "status: failed" in captured.out.splitlines()
+    assert missing.name in captured.err
+
+
+def test_train_refuses_too_few_labels_with_the_fix(tmp_path, capsys):
+    ws = open_workspace(tmp_path / "ws")
+    add_labelled_images(ws, connect(ws), {"red": {"train": 3, "val": 1}})
+    assert main(["train", "--workspace", str(ws.root)]) == 2
+    assert "class" in capsys.readouterr().err.lower()
+    assert list(connect(ws).query("SELECT * FROM runs")) == []

@@ -10,7 +10,7 @@ from PIL import Image
 
 from core import catalog, ingest
 from core.errors import LoupeError
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, require_dataset
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -56,6 +56,12 @@ def animated_gif() -> bytes:
     return out.getvalue()
 
 
+def saved(fmt: str, **save_args) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 0, 0)).save(out, format=fmt, **save_args)
+    return out.getvalue()
+
+
 def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
@@ -78,6 +84,9 @@ HOSTILE_CORPUS = {
     "empty.jpg": (b"", "rejected", "empty"),
     "../../evil.jpg": (image_bytes((1, 2, 3)), "added", ""),
     "photo.pdf.jpg": (b"%PDF-1.4\n" + b"0" * 200, "rejected", "not an image"),
+    "camera.jpg": (saved("MPO", save_all=True, append_images=[Image.new("RGB", (30, 20))]), "added", ""),
+    "postscript.png": (saved("EPS"), "rejected", "not an image"),
+    "icon.png": (saved("ICO"), "rejected", "not an image"),
 }
 
 
@@ -121,6 +130,8 @@ def test_hostile_images_are_normalised_to_rgb(workspace, db):
     gif = decoded("animated.gif")
     assert (gif.format, gif.width, gif.height) == ("GIF", 24, 16)
     assert gif.rgb.getpixel((1, 1))[0] > 200
+    camera = decoded("camera.jpg")
+    assert camera.format == "JPEG" and camera.rgb.getpixel((1, 1)) == (200, 0, 0)
     rotated = decoded("rotated.jpg")
     assert (rotated.width, rotated.height) == (20, 40)
 
@@ -143,7 +154,8 @@ def test_duplicates_are_reported_not_stored_twice(workspace, db):
     first = ingest.ingest_bytes(workspace, db, data, "a.png")
     second = ingest.ingest_bytes(workspace, db, data, "copy of a.png", label="ants")
     assert first.status == "added"
-    assert (second.status, second.image_id, second.reason) == ("duplicate", first.image_id, f"duplicate of #{first.image_id}")
+    assert (second.status, second.image_id) == ("duplicate", first.image_id)
+    assert second.reason == f"duplicate of #{first.image_id}"
     assert catalog.count_images(db) == 1
     # a duplicate arriving with a label labels the unlabelled original
     assert catalog.get_image(db, first.image_id)["label"] == "ants"
@@ -182,11 +194,12 @@ def test_zip_upload_labels_by_folder_and_pins_splits(workspace, db):
     )
     outcomes = ingest.ingest_upload(workspace, db, "dataset.zip", data)
     assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "rejected": 1}
-    rows = {r["original_name"]: r for r in db.query(
-        "SELECT original_name, classes.name AS label, split, pinned FROM images JOIN labels ON labels.image_id = images.id "
-        "JOIN classes ON classes.id = labels.class_id JOIN splits ON splits.image_id = images.id"
-    )}
-    assert {n: (r["label"], r["split"], r["pinned"]) for n, r in rows.items()} == {
+    rows = db.query(
+        "SELECT original_name, classes.name AS label, split, pinned FROM images "
+        "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
+        "JOIN splits ON splits.image_id = images.id"
+    )
+    assert {r["original_name"]: (r["label"], r["split"], r["pinned"]) for r in rows} == {
         "a.png": ("ants", "train", 1), "b.png": ("bees", "train", 1),
         "c.png": ("ants", "val", 1), "d.png": ("bees", "test", 1),
     }
@@ -271,3 +284,14 @@ def test_list_file_import(workspace, db, tmp_path):
     listing.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(LoupeError, match="Cannot read"):
         ingest.items_from_list_file(listing)
+
+
+def test_hymenoptera_imports_whole_with_its_splits_pinned(workspace, db):
+    root = require_dataset("hymenoptera")
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    files = sum(1 for p in root.rglob("*") if p.is_file())
+    assert ingest.summarise(outcomes) == {"added": files, "duplicates": 0, "rejected": 0}
+    summary = catalog.overview(db)
+    assert {r["class"] for r in summary["per_class"]} == {"ants", "bees"}
+    assert summary["per_split"]["test"] == 0 and summary["per_split"]["val"] > 100
+    assert_catalog_consistent(workspace, db)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import add_labelled_images
+from tests.conftest import add_labelled_images
 from core import catalog, jobs
 from core.catalog import now
 from core.errors import LoupeError

@@ -1,0 +1,348 @@
+"""Hard-example queues: what a reviewer should look at first, and what a labeller should label next.
+
+The rankings are pure functions over arrays (probabilities, labels, embeddings); the functions at
+the end adapt them to a run's stored predictions and the catalog's cached embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import normalize
+from sqlite_utils import Database
+
+from core.embeddings import EmbeddingCache, cache_key, embed_images
+from core.errors import LoupeError
+from core.jobs import current_run
+from core.metrics import NO_LABEL, RunPredictions
+from core.training import TrainConfig
+from core.workspace import Workspace
+
+UNCERTAINTY_MEASURES = ("margin", "entropy")
+# Labelling orders the Label page and the benchmark offer; "diverse" is the cold-start one.
+LABELLING_STRATEGIES = ("margin", "entropy", "diverse")
+DEFAULT_LABELLING_STRATEGY = "diverse"
+DIVERSE_BATCH = 16
+NEAR_DUPLICATE_SIMILARITY = 0.95
+# Out-of-fold probabilities for finding label issues: L2-normalised embeddings, a logistic
+# regression, averaged over several shuffles of the folds (measured in bench/review.py).
+OUT_OF_FOLD_FOLDS = 5
+OUT_OF_FOLD_REPEATS = 3
+OUT_OF_FOLD_C = 1.0
+_SIMILARITY_BLOCK = 1024
+
+
+# ---------------------------------------------------------------- scores
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability: small means the model hesitates between two classes."""
+    if probs.shape[1] < 2:
+        return np.ones(len(probs))
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    clipped = np.clip(probs, 1e-12, 1.0)
+    return -(clipped * np.log(clipped)).sum(axis=1)
+
+
+def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
+    """Higher means less sure, whichever measure."""
+    if measure == "margin":
+        return 1.0 - margin(probs)
+    if measure == "entropy":
+        return entropy(probs)
+    raise LoupeError(f"Unknown uncertainty measure {measure!r}: use one of {', '.join(UNCERTAINTY_MEASURES)}.")
+
+
+def loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy of each prediction against its label."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+
+
+# ---------------------------------------------------------------- review orders
+
+
+def misclassified_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Indices predicted wrongly, the most confidently wrong (highest loss) first."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != labels)
+    return wrong[np.argsort(-loss(probs[wrong], labels[wrong]), kind="stable")]
+
+
+def low_margin_correct_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Indices predicted rightly, the narrowest wins (smallest margin) first."""
+    right = np.flatnonzero(probs.argmax(axis=1) == labels)
+    return right[np.argsort(margin(probs[right]), kind="stable")]
+
+
+def out_of_fold_probs(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: int = OUT_OF_FOLD_FOLDS,
+    repeats: int = OUT_OF_FOLD_REPEATS,
+    seed: int = 0,
+) -> np.ndarray:
+    """Each image's class probabilities from models that never saw it (cross-validation on embeddings)."""
+    k = int(labels.max()) + 1
+    counts = np.bincount(labels, minlength=k)
+    present = counts[counts > 0]
+    if len(present) < 2 or present.min() < 2:
+        raise LoupeError("Finding likely mislabelled images needs at least 2 labelled images in each of 2 classes.")
+    folds = int(min(folds, present.min()))
+    x = normalize(features)
+    probs = np.zeros((len(labels), k))
+    for repeat in range(repeats):
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed + repeat)
+        for train, held_out in splitter.split(x, labels):
+            model = LogisticRegression(C=OUT_OF_FOLD_C, max_iter=2000).fit(x[train], labels[train])
+            probs[np.ix_(held_out, model.classes_)] += model.predict_proba(x[held_out])
+    return probs / repeats
+
+
+def label_issue_order(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every index, likeliest label error first: cleanlab's flagged issues, then the rest by label quality.
+
+    Returns (order, label quality score per index, whether cleanlab flags the index).
+    """
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    flagged_order = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    flagged = np.zeros(len(labels), dtype=bool)
+    flagged[flagged_order] = True
+    rest = np.flatnonzero(~flagged)
+    rest = rest[np.argsort(quality[rest], kind="stable")]
+    return np.concatenate([flagged_order, rest]).astype(int), quality, flagged
+
+
+def near_duplicate_pairs(
+    features: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY
+) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, cosine similarity), i < j, at least `threshold` alike, most alike first."""
+    x = normalize(features).astype(np.float32)
+    pairs = []
+    for start in range(0, len(x), _SIMILARITY_BLOCK):
+        similarity = x[start : start + _SIMILARITY_BLOCK] @ x.T
+        rows, cols = np.nonzero(similarity >= threshold)
+        for r, c in zip(rows, cols):
+            i = start + int(r)
+            if i < c:
+                pairs.append((i, int(c), float(similarity[r, c])))
+    return sorted(pairs, key=lambda p: -p[2])
+
+
+# ---------------------------------------------------------------- what to label next
+
+
+def labelling_order(
+    probs: np.ndarray,
+    strategy: str = DEFAULT_LABELLING_STRATEGY,
+    features: np.ndarray | None = None,
+    batch: int = DIVERSE_BATCH,
+    seed: int = 0,
+) -> np.ndarray:
+    """Unlabelled indices in the order to label them.
+
+    `margin` / `entropy`: the least sure first. `diverse`: first one image from each of `batch`
+    clusters of the embeddings (k-means weighted by uncertainty, so clusters gather where the model
+    hesitates), the most uncertain of its cluster; then the rest by margin. Pure uncertainty
+    sampling picks near-identical images at small budgets; covering the space avoids that.
+    """
+    if strategy in UNCERTAINTY_MEASURES:
+        return np.argsort(-uncertainty(probs, strategy), kind="stable")
+    if strategy != "diverse":
+        raise LoupeError(f"Unknown labelling order {strategy!r}: use one of {', '.join(LABELLING_STRATEGIES)}.")
+    if features is None:
+        raise LoupeError("The diverse labelling order needs the images' embeddings.")
+    first = diverse_batch(probs, features, batch, seed)
+    rest = np.setdiff1d(np.arange(len(probs)), first)
+    rest = rest[np.argsort(margin(probs[rest]), kind="stable")]
+    return np.concatenate([first, rest]).astype(int)
+
+
+def diverse_batch(probs: np.ndarray, features: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """`size` indices spread over the embedding space where the model is least sure."""
+    if len(probs) <= size:
+        return np.argsort(margin(probs), kind="stable")
+    weight = uncertainty(probs, "margin") + 1e-3
+    x = normalize(features)
+    clusters = KMeans(size, n_init=1, random_state=seed).fit_predict(x, sample_weight=weight)
+    chosen = []
+    for cluster in range(size):
+        members = np.flatnonzero(clusters == cluster)
+        if len(members):
+            chosen.append(members[np.argmax(weight[members])])
+    return np.array(sorted(chosen, key=lambda i: -weight[i]), dtype=int)
+
+
+# ---------------------------------------------------------------- run and catalog adapters
+
+
+def _queue_frame(predictions: RunPredictions, index: np.ndarray, score: np.ndarray, score_name: str) -> pd.DataFrame:
+    classes = np.array(predictions.classes, dtype=object)
+    labels = predictions.labels[index]
+    probs = predictions.probs[index]
+    return pd.DataFrame(
+        {
+            "image_id": predictions.image_ids[index].astype(int),
+            "split": predictions.splits[index],
+            "label": [classes[label] if label != NO_LABEL else None for label in labels],
+            "predicted": classes[probs.argmax(axis=1)] if len(index) else [],
+            "confidence": probs.max(axis=1) if len(index) else [],
+            score_name: score,
+        }
+    )
+
+
+def misclassified_queue(predictions: RunPredictions, splits: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
+    data = predictions.labelled().subset(np.isin(predictions.labelled().splits, splits))
+    order = misclassified_order(data.probs, data.labels)
+    return _queue_frame(data, order, loss(data.probs[order], data.labels[order]), "loss")
+
+
+def uncertain_queue(predictions: RunPredictions, splits: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
+    data = predictions.labelled().subset(np.isin(predictions.labelled().splits, splits))
+    order = low_margin_correct_order(data.probs, data.labels)
+    return _queue_frame(data, order, margin(data.probs[order]), "margin")
+
+
+def mislabelled_queue(predictions: RunPredictions, features: np.ndarray) -> pd.DataFrame:
+    """Labelled images of the run (features in the same row order), likeliest label error first."""
+    data = predictions.labelled()
+    if len(features) != len(data.labels):
+        raise LoupeError("The embeddings do not line up with the run's labelled images.")
+    probs = out_of_fold_probs(features, data.labels)
+    order, quality, flagged = label_issue_order(data.labels, probs)
+    frame = _queue_frame(data, order, quality[order], "label_quality")
+    # What the cross-validated model thinks, not the run's model: that is why it is suspected.
+    frame["suggested"] = np.array(data.classes, dtype=object)[probs[order].argmax(axis=1)]
+    frame["flagged"] = flagged[order]
+    return frame
+
+
+def near_duplicate_queue(
+    image_ids: np.ndarray,
+    splits: np.ndarray,
+    labels: list[str | None],
+    features: np.ndarray,
+    threshold: float = NEAR_DUPLICATE_SIMILARITY,
+) -> pd.DataFrame:
+    """Near-duplicate pairs, with why each matters: leakage across train and val/test, or conflicting labels."""
+    rows = []
+    for i, j, similarity in near_duplicate_pairs(features, threshold):
+        leakage = (splits[i] == "train") != (splits[j] == "train") and {splits[i], splits[j]} <= {
+            "train", "val", "test"
+        }
+        conflict = labels[i] is not None and labels[j] is not None and labels[i] != labels[j]
+        rows.append(
+            {
+                "image_id": int(image_ids[i]),
+                "other_image_id": int(image_ids[j]),
+                "similarity": similarity,
+                "split": splits[i],
+                "other_split": splits[j],
+                "label": labels[i],
+                "other_label": labels[j],
+                "leakage": bool(leakage),
+                "label_conflict": bool(conflict),
+            }
+        )
+    columns = ["image_id", "other_image_id", "similarity", "split", "other_split", "label", "other_label",
+               "leakage", "label_conflict"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # Problems first, then the rest by similarity.
+    return frame.sort_values(["leakage", "label_conflict", "similarity"], ascending=False, kind="stable").reset_index(
+        drop=True
+    )
+
+
+def unlabelled_queue(
+    predictions: RunPredictions,
+    strategy: str = DEFAULT_LABELLING_STRATEGY,
+    features: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """The run's unlabelled images in labelling order (features in the same row order, for `diverse`)."""
+    data = predictions.split("unlabelled")
+    order = labelling_order(data.probs, strategy, features)
+    return _queue_frame(data, order, margin(data.probs[order]), "margin")
+
+
+@dataclass
+class _EmbeddingItem:
+    sha256: str
+    path: Path
+
+
+def run_embeddings(
+    ws: Workspace, db: Database, run: dict, image_ids: np.ndarray, compute_missing: bool = True
+) -> np.ndarray | None:
+    """Embeddings of these images (rows in their order) for the run's backbone, from the cache.
+
+    Missing ones are computed and cached; with `compute_missing` False, None when any is missing.
+    """
+    config = TrainConfig.from_dict(run["config"] or {})
+    ids = [int(i) for i in image_ids]
+    rows = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for row in db.query(f"SELECT id, sha256, path FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+            rows[row["id"]] = row
+    items = [_EmbeddingItem(rows[i]["sha256"], ws.root / rows[i]["path"]) for i in ids]
+    cache = EmbeddingCache(db)
+    if not compute_missing:
+        wanted = {item.sha256 for item in items}
+        if len(cache.get_many(cache_key(config.backbone, config.weights_path), list(wanted))) < len(wanted):
+            return None
+    return embed_images(cache, config.backbone, items, weights_path=config.weights_path)
+
+
+# ---------------------------------------------------------------- the Label page's order and suggestion
+
+
+def unsure_first_image_ids(db: Database, measure: str = "margin") -> list[int]:
+    """Images unlabelled now, the current model's least sure first, then those it has not seen, by id."""
+    rows = list(
+        db.query(
+            "SELECT images.id, p.probs FROM images LEFT JOIN labels ON labels.image_id = images.id "
+            "LEFT JOIN predictions p ON p.image_id = images.id AND p.run_id = ? "
+            "WHERE labels.image_id IS NULL AND images.excluded = 0 ORDER BY images.id",
+            [_current_run_id(db)],
+        )
+    )
+    seen = [r for r in rows if r["probs"] is not None]
+    unseen = [r["id"] for r in rows if r["probs"] is None]
+    if not seen:
+        return unseen
+    probs = np.array([json.loads(r["probs"]) for r in seen])
+    order = np.argsort(-uncertainty(probs, measure), kind="stable")
+    return [seen[i]["id"] for i in order] + unseen
+
+
+def suggested_label(db: Database, image_id: int) -> tuple[str, float] | None:
+    """The current model's predicted class for this image and its probability, if it predicted one."""
+    row = next(
+        db.query(
+            "SELECT classes.name, classes.archived, p.probs FROM predictions p "
+            "JOIN classes ON classes.id = p.predicted_class_id "
+            "WHERE p.image_id = ? AND p.run_id = ?",
+            [image_id, _current_run_id(db)],
+        ),
+        None,
+    )
+    if row is None or row["archived"]:
+        return None
+    return row["name"], float(max(json.loads(row["probs"])))
+
+
+def _current_run_id(db: Database) -> int | None:
+    run = current_run(db)
+    return run["id"] if run else None

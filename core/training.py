@@ -1,0 +1,665 @@
+"""Transfer learning from a pretrained backbone: one `TrainConfig`, one `train()` function.
+
+`train(config, dataset, reporter)` is a pure function of its inputs: it reads images and cached
+embeddings, reports progress through `reporter`, and returns the best model (by validation
+macro-F1) with its probabilities on every item. Writing runs to disk is the caller's job.
+
+Strategies:
+- `head`: frozen backbone; a linear layer on cached embeddings (the seconds-long retrain);
+- `finetune`: the whole network, the backbone at a lower learning rate than the head;
+- `two_stage`: the `head` fit first, then the last `unfreeze_blocks` blocks fine-tuned with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from sqlite_utils import Database
+from torch import nn
+from torchvision.transforms import v2
+
+from core import catalog
+from core.backbones import DEFAULT_BACKBONE, Preprocessing, configure_threads, get_spec
+from core.checkpoints import TrainedModel, build_classifier
+from core.embeddings import DECODE_THREADS, EmbeddingCache, decoded_batches, embed_images
+from core.errors import LoupeError
+from core.ingest import open_image_rgb
+from core.workspace import Workspace
+
+STRATEGIES = ("head", "finetune", "two_stage")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "plateau")
+CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
+AUGMENTATIONS = ("none", "light", "strong")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# Cui et al. (2019), "Class-balanced loss based on effective number of samples".
+EFFECTIVE_NUMBER_BETA = 0.999
+EVAL_BATCH_SIZE = 64
+
+
+@dataclass
+class TrainConfig:
+    """Every training knob; stored as JSON with each run so it can be reproduced and compared."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights_path: str | None = None
+    strategy: str = "head"
+    epochs: int = 60
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 3e-3  # the new linear layer's learning rate
+    backbone_lr: float = 1e-4  # pretrained layers, when they are trained
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine with warmup, or reduce-on-plateau of validation macro-F1
+    warmup_epochs: int = 1
+    class_weighting: str = "inverse"
+    label_smoothing: float = 0.1
+    focal_gamma: float = 0.0  # 0 is plain (weighted, smoothed) cross-entropy
+    augmentation: str = "light"  # image strategies only
+    early_stopping_patience: int = 20  # epochs without a better validation macro-F1; 0 never stops early
+    seed: int = 0
+    device: str = "auto"
+    unfreeze_blocks: int = 2  # two_stage: how many of the last backbone blocks are fine-tuned
+    head_epochs: int = 60  # two_stage: epochs of the first, head-only stage
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoupeError(f"Unknown training setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """A LoupeError naming the first setting that cannot work."""
+        choices = {
+            "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "class_weighting": CLASS_WEIGHTINGS, "augmentation": AUGMENTATIONS, "device": DEVICES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LoupeError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LoupeError(f"{name} must be a whole number of at least 1.")
+        for name in ("warmup_epochs", "early_stopping_patience", "unfreeze_blocks", "head_epochs", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise LoupeError(f"{name} must be a whole number, 0 or more.")
+        for name in ("lr", "backbone_lr"):
+            if not getattr(self, name) > 0:
+                raise LoupeError(f"{name} (a learning rate) must be more than 0.")
+        if not 0 <= self.label_smoothing < 1:
+            raise LoupeError("label_smoothing must be at least 0 and less than 1.")
+        if self.weight_decay < 0 or self.momentum < 0 or self.focal_gamma < 0:
+            raise LoupeError("weight_decay, momentum and focal_gamma cannot be negative.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LoupeError("device is cuda but no CUDA GPU is available: choose auto or cpu.")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise LoupeError("device is mps but Apple's GPU backend is not available: choose auto or cpu.")
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Seconds on a laptop CPU: a linear head on cached embeddings.
+    "quick": TrainConfig(strategy="head"),
+    # Minutes: the whole network fine-tuned on augmented images.
+    "thorough": TrainConfig(
+        strategy="finetune", epochs=4, batch_size=32, lr=1e-3, backbone_lr=1e-4, weight_decay=1e-4,
+        warmup_epochs=1, augmentation="light", early_stopping_patience=0,
+    ),
+}
+
+
+@dataclass
+class TrainItem:
+    image_id: int
+    sha256: str
+    path: Path
+    label: int | None  # index into TrainDataset.classes; None when unlabelled
+    split: str  # train, val, test or unlabelled
+
+
+@dataclass
+class TrainDataset:
+    classes: list[str]
+    items: list[TrainItem]
+
+    def split(self, name: str) -> list[TrainItem]:
+        return [item for item in self.items if item.split == name]
+
+
+def dataset_from_catalog(ws: Workspace, db: Database) -> TrainDataset:
+    """The labelled images with their splits, plus the unlabelled ones, leaving out excluded
+    images and images of archived classes."""
+    classes = catalog.list_classes(db)
+    index = {c["id"]: i for i, c in enumerate(classes)}
+    rows = db.query(
+        "SELECT images.id, images.sha256, images.path, labels.class_id, splits.split "
+        "FROM images LEFT JOIN labels ON labels.image_id = images.id "
+        "LEFT JOIN splits ON splits.image_id = images.id "
+        "WHERE images.excluded = 0 ORDER BY images.id"
+    )
+    items = []
+    for row in rows:
+        if row["class_id"] is None:
+            label, split = None, "unlabelled"
+        elif row["class_id"] in index:
+            label, split = index[row["class_id"]], row["split"] or "train"
+        else:
+            continue
+        items.append(TrainItem(row["id"], row["sha256"], ws.root / row["path"], label, split))
+    return TrainDataset([c["name"] for c in classes], items)
+
+
+def check_trainable(dataset: TrainDataset) -> None:
+    """A LoupeError naming what stops training on this dataset and how to fix it."""
+    k = len(dataset.classes)
+    if k < 2:
+        have = f"only {dataset.classes[0]!r}" if k == 1 else "none"
+        raise LoupeError(
+            f"Training needs at least 2 classes; this workspace has {have}. "
+            "Create another class and label some images of it."
+        )
+    train_counts = _counts(dataset.split("train"), k)
+    val_counts = _counts(dataset.split("val"), k)
+    for name, n_train, n_val in zip(dataset.classes, train_counts, val_counts):
+        if n_train < 2:
+            raise LoupeError(
+                f"Class {name!r} has {n_train} training image{'s' if n_train != 1 else ''}; training needs at "
+                f"least 2 per class. Label more images of {name!r} (or pin some to the train split), "
+                "or archive the class."
+            )
+        if n_val == 0:
+            raise LoupeError(
+                f"Class {name!r} has no validation image, so the model cannot be checked on it. "
+                f"Pin one of its labelled images to the val split, or label more images of {name!r} "
+                "(each class gets a validation image once it has 3)."
+            )
+
+
+def class_weights(counts: list[int], scheme: str) -> list[float]:
+    """Per-class loss weights from training counts, scaled so the average weight per image is 1.
+
+    A class with no images gets weight 0.
+    """
+    if scheme not in CLASS_WEIGHTINGS:
+        raise LoupeError(f"class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, not {scheme!r}.")
+    n = np.asarray(counts, dtype=np.float64)
+    present = n > 0
+    raw = np.zeros_like(n)
+    if scheme == "none":
+        raw[present] = 1.0
+    elif scheme == "inverse":
+        raw[present] = 1.0 / n[present]
+    elif scheme == "inverse_sqrt":
+        raw[present] = 1.0 / np.sqrt(n[present])
+    else:
+        raw[present] = (1 - EFFECTIVE_NUMBER_BETA) / (1 - EFFECTIVE_NUMBER_BETA ** n[present])
+    total = float((raw * n).sum())
+    if total == 0:
+        return raw.tolist()
+    return (raw * n.sum() / total).tolist()
+
+
+@dataclass
+class Progress:
+    phase: str  # embedding, training or predicting
+    step: int
+    total: int
+    epoch: int
+    epochs: int
+    loss: float | None = None
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+    lr: float
+    seconds: float
+
+
+class Reporter(Protocol):
+    def progress(self, p: Progress) -> None: ...
+
+    def epoch(self, m: EpochMetrics) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+class TrainingCancelled(Exception):
+    """Raised by `train` when the reporter asked it to stop."""
+
+
+@dataclass
+class TrainResult:
+    model: TrainedModel
+    best_epoch: int
+    metrics: dict
+    # image_id -> class probabilities, in the order of model.classes, for every item of the dataset.
+    probabilities: dict[int, list[float]] = field(default_factory=dict)
+
+
+def train(
+    config: TrainConfig, dataset: TrainDataset, reporter: Reporter, cache: EmbeddingCache | None = None
+) -> TrainResult:
+    """Train on `dataset` as `config` says; the best epoch by validation macro-F1 wins."""
+    config.validate()
+    check_trainable(dataset)
+    started = time.perf_counter()
+    _seed_everything(config.seed)
+    configure_threads()
+    device = resolve_device(config.device)
+    spec = get_spec(config.backbone)
+    run = _Run(config, dataset, reporter, device, spec.preprocessing)
+    if config.strategy == "head":
+        model, best = run.fit_head(cache, config.epochs, epoch_offset=0)
+    else:
+        head = None
+        if config.strategy == "two_stage":
+            head, _ = run.fit_head(cache, config.head_epochs, epoch_offset=0)
+            _seed_everything(config.seed)
+        model, best = run.fit_images(head, epoch_offset=config.head_epochs if head is not None else 0)
+    probabilities = run.predict_rest(model, best, cache)
+    metrics = run.metrics(best, probabilities)
+    metrics["seconds"] = time.perf_counter() - started
+    trained = TrainedModel(model.cpu().eval(), list(dataset.classes), config.backbone, spec.preprocessing)
+    return TrainResult(trained, best.epoch, metrics, probabilities)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _counts(items: Iterable[TrainItem], k: int) -> list[int]:
+    counts = [0] * k
+    for item in items:
+        counts[item.label] += 1
+    return counts
+
+
+def loss_function(config: TrainConfig, train_counts: list[int], device: torch.device) -> Callable:
+    """Cross-entropy with class weights and label smoothing; focal when `focal_gamma` > 0."""
+    weight = torch.tensor(class_weights(train_counts, config.class_weighting), dtype=torch.float32, device=device)
+    if config.focal_gamma == 0:
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+    def focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=config.label_smoothing, reduction="none")
+        p_true = logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+        return ((1 - p_true) ** config.focal_gamma * ce).sum() / weight[target].sum()
+
+    return focal
+
+
+def augmentation_transform(preset: str, pre: Preprocessing) -> Callable:
+    """Training transform of an image already resized to `pre.resize_size`; ends like eval's."""
+    size = pre.input_size
+    if preset == "none":
+        geometry = [v2.CenterCrop(size)]
+    elif preset == "light":
+        geometry = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        geometry = [
+            v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(30),
+            v2.ColorJitter(0.4, 0.4, 0.4, 0.05),
+        ]
+    if preset == "light":
+        geometry.append(v2.ColorJitter(0.2, 0.2, 0.2))
+    return v2.Compose(
+        [*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    )
+
+
+def _cpu_has_native_bf16() -> bool:
+    # bf16 autocast only pays where the CPU computes in bf16 natively; elsewhere it is slower.
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@dataclass
+class _Best:
+    epoch: int = 0
+    macro_f1: float = -1.0
+    val_loss: float = math.inf
+    state: dict | None = None
+    val_probs: np.ndarray | None = None
+
+    def improved_by(self, macro_f1: float, val_loss: float) -> bool:
+        return macro_f1 > self.macro_f1 or (macro_f1 == self.macro_f1 and val_loss < self.val_loss)
+
+
+class _Run:
+    """The state one `train` call shares between its phases."""
+
+    def __init__(self, config: TrainConfig, dataset: TrainDataset, reporter: Reporter, device: torch.device,
+                 pre: Preprocessing):
+        self.config, self.dataset, self.reporter, self.device, self.pre = config, dataset, reporter, device, pre
+        self.k = len(dataset.classes)
+        self.train_items = dataset.split("train")
+        self.val_items = dataset.split("val")
+        self.train_counts = _counts(self.train_items, self.k)
+        self.val_labels = np.array([item.label for item in self.val_items])
+        self.total_epochs = config.epochs + (config.head_epochs if config.strategy == "two_stage" else 0)
+        self.features: np.ndarray | None = None
+
+    # ------------------------------------------------------------ shared pieces
+
+    def check_stop(self) -> None:
+        if self.reporter.should_stop():
+            raise TrainingCancelled()
+
+    def embed(self, cache: EmbeddingCache | None) -> np.ndarray:
+        """Features of every item, in dataset order (cached ones read back, the rest computed)."""
+        if self.features is None:
+            items = self.dataset.items
+
+            def progress(done: int, total: int) -> None:
+                self.reporter.progress(Progress("embedding", done, total, 0, self.total_epochs))
+                self.check_stop()
+
+            self.check_stop()
+            self.features = embed_images(cache, self.config.backbone, items, progress, self.config.weights_path)
+        return self.features
+
+    def evaluate(self, logits: torch.Tensor) -> tuple[float, float, float, np.ndarray]:
+        """Validation loss (plain cross-entropy), accuracy, macro-F1 and probabilities."""
+        logits = logits.float().cpu()
+        target = torch.as_tensor(self.val_labels)
+        val_loss = F.cross_entropy(logits, target).item()
+        probs = logits.softmax(dim=1).numpy()
+        predicted = probs.argmax(axis=1)
+        accuracy = accuracy_score(self.val_labels, predicted)
+        macro_f1 = f1_score(self.val_labels, predicted, average="macro", labels=list(range(self.k)), zero_division=0)
+        return val_loss, float(accuracy), float(macro_f1), probs
+
+    def optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(groups, momentum=self.config.momentum, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    def fit(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        epoch_offset: int,
+        batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        steps_per_epoch: int,
+        validate: Callable[[], torch.Tensor],
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> _Best:
+        """The epoch loop every strategy shares: train, validate, keep the best state, stop early."""
+        config = self.config
+        criterion = loss_function(config, self.train_counts, self.device)
+        total_steps = epochs * steps_per_epoch
+        warmup = min(config.warmup_epochs * steps_per_epoch, total_steps // 2)
+        plateau = None
+        if config.scheduler == "cosine":
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, warmup, total_steps))
+        else:
+            schedule = None
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+        best = _Best()
+        step = 0
+        for epoch in range(1, epochs + 1):
+            started = time.perf_counter()
+            model.train()
+            losses = []
+            for inputs, target in batches():
+                self.check_stop()
+                with autocast():
+                    loss = criterion(model(inputs), target)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                step += 1
+                losses.append(loss.item())
+                self.reporter.progress(
+                    Progress("training", step, total_steps, epoch_offset + epoch, self.total_epochs, losses[-1])
+                )
+            model.eval()
+            with torch.inference_mode(), autocast():
+                val_logits = validate()
+            val_loss, accuracy, macro_f1, probs = self.evaluate(val_logits)
+            if plateau is not None:
+                plateau.step(macro_f1)
+            lr = optimizer.param_groups[0]["lr"]
+            self.reporter.epoch(
+                EpochMetrics(epoch_offset + epoch, float(np.mean(losses)), val_loss, accuracy, macro_f1, lr,
+                             time.perf_counter() - started)
+            )
+            if best.improved_by(macro_f1, val_loss):
+                best = _Best(epoch_offset + epoch, macro_f1, val_loss,
+                             {k: v.detach().clone() for k, v in model.state_dict().items()}, probs)
+            elif config.early_stopping_patience and epoch_offset + epoch - best.epoch >= config.early_stopping_patience:
+                break
+        model.load_state_dict(best.state)
+        return best
+
+    # ------------------------------------------------------------ head on embeddings
+
+    def fit_head(self, cache: EmbeddingCache | None, epochs: int, epoch_offset: int) -> tuple[nn.Module, _Best]:
+        """A linear layer on standardised embeddings; returned as the full classifier."""
+        features = torch.from_numpy(self.embed(cache))
+        is_train = np.array([item.split == "train" for item in self.dataset.items])
+        is_val = np.array([item.split == "val" for item in self.dataset.items])
+        x_train = features[is_train]
+        # Standardising makes one learning rate fit every backbone; it is folded into the layer after.
+        # Each feature's variance is shrunk toward the average one: with a few near-identical images
+        # some features barely vary, and dividing by that would blow up unseen images.
+        mean = x_train.mean(dim=0)
+        variance = x_train.var(dim=0, unbiased=False)
+        std = (variance + variance.mean()).sqrt().clamp_min(1e-6)
+        x_train = ((x_train - mean) / std).to(self.device)
+        y_train = torch.tensor([item.label for item in self.train_items], device=self.device)
+        x_val = ((features[is_val] - mean) / std).to(self.device)
+        head = nn.Linear(features.shape[1], self.k).to(self.device)
+        n, batch_size = len(x_train), self.config.batch_size
+        generator = torch.Generator().manual_seed(self.config.seed)
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                yield x_train[index], y_train[index]
+
+        optimizer = self.optimizer([{"params": head.parameters(), "lr": self.config.lr}])
+        best = self.fit(head, optimizer, epochs, epoch_offset, batches, math.ceil(n / batch_size), lambda: head(x_val))
+        model = build_classifier(self.config.backbone, self.k, self.config.weights_path)
+        classifier = model.get_classifier()
+        with torch.no_grad():
+            weight = head.weight.detach().cpu() / std
+            classifier.weight.copy_(weight)
+            classifier.bias.copy_(head.bias.detach().cpu() - weight @ mean)
+        return model, best
+
+    # ------------------------------------------------------------ fine-tuning on images
+
+    def fit_images(self, initial: nn.Module | None, epoch_offset: int) -> tuple[nn.Module, _Best]:
+        """Fine-tune on augmented images: the whole network, or (two_stage) its last blocks."""
+        config, device = self.config, self.device
+        model = initial if initial is not None else build_classifier(config.backbone, self.k, config.weights_path)
+        model = model.to(device).to(memory_format=torch.channels_last)
+        head_params = list(model.get_classifier().parameters())
+        head_ids = {id(p) for p in head_params}
+        if config.strategy == "two_stage":
+            trainable = _last_blocks(model, config.unfreeze_blocks)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in trainable + head_params:
+                p.requires_grad_(True)
+            backbone_params = [p for p in trainable if id(p) not in head_ids]
+        else:
+            backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
+        groups = [{"params": head_params, "lr": config.lr}]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": config.backbone_lr})
+        optimizer = self.optimizer(groups)
+
+        train_images = _load_resized(self.train_items, self.pre.resize_size)
+        augment = augmentation_transform(config.augmentation, self.pre)
+        labels = torch.tensor([item.label for item in self.train_items])
+        eval_transform = self.pre.eval_transform()
+        val_inputs = torch.stack(_map_threads(lambda item: eval_transform(open_image_rgb(item.path)), self.val_items))
+        n, batch_size = len(train_images), config.batch_size
+        generator = torch.Generator().manual_seed(config.seed)
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                inputs = torch.stack([augment(train_images[i]) for i in index.tolist()])
+                yield _to_device(inputs, device), labels[index].to(device)
+
+        def validate() -> torch.Tensor:
+            return torch.cat([
+                model(_to_device(val_inputs[s : s + EVAL_BATCH_SIZE], device))
+                for s in range(0, len(val_inputs), EVAL_BATCH_SIZE)
+            ])
+
+        autocast, scaler = _mixed_precision(device)
+        best = self.fit(model, optimizer, config.epochs, epoch_offset, batches, math.ceil(n / batch_size), validate,
+                        autocast, scaler)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, best
+
+    # ------------------------------------------------------------ predictions and figures
+
+    def predict_rest(self, model: nn.Module, best: _Best, cache: EmbeddingCache | None) -> dict[int, list[float]]:
+        """Probabilities for every item: validation from the best epoch, the others computed now."""
+        probabilities = {item.image_id: p.tolist() for item, p in zip(self.val_items, best.val_probs)}
+        rest = [item for item in self.dataset.items if item.split != "val"]
+        if not rest:
+            return probabilities
+        if self.config.strategy == "head":
+            # The classifier is the head on the backbone's features: apply it to the cached ones.
+            features = torch.from_numpy(self.embed(cache))
+            index = [i for i, item in enumerate(self.dataset.items) if item.split != "val"]
+            with torch.inference_mode():
+                probs = model.get_classifier()(features[index]).softmax(dim=1).numpy()
+            self.reporter.progress(Progress("predicting", len(rest), len(rest), self.total_epochs, self.total_epochs))
+        else:
+            probs = self.predict_images(model, rest)
+        probabilities.update({item.image_id: p.tolist() for item, p in zip(rest, probs)})
+        return probabilities
+
+    def predict_images(self, model: nn.Module, items: list[TrainItem]) -> np.ndarray:
+        model = model.to(self.device).eval()
+        autocast, _ = _mixed_precision(self.device)
+        out, done = [], 0
+        for batch in decoded_batches([item.path for item in items], self.pre.eval_transform(), EVAL_BATCH_SIZE):
+            self.check_stop()
+            with torch.inference_mode(), autocast():
+                out.append(model(_to_device(batch, self.device)).float().softmax(dim=1).cpu().numpy())
+            done += len(batch)
+            self.reporter.progress(Progress("predicting", done, len(items), self.total_epochs, self.total_epochs))
+        return np.concatenate(out)
+
+    def metrics(self, best: _Best, probabilities: dict[int, list[float]]) -> dict:
+        metrics = {
+            "val_accuracy": float(accuracy_score(self.val_labels, best.val_probs.argmax(axis=1))),
+            "val_macro_f1": best.macro_f1,
+            "val_loss": best.val_loss,
+            "best_epoch": best.epoch,
+            "train_images": len(self.train_items),
+            "val_images": len(self.val_items),
+        }
+        test = self.dataset.split("test")
+        if test:
+            labels = [item.label for item in test]
+            predicted = [int(np.argmax(probabilities[item.image_id])) for item in test]
+            metrics["test_accuracy"] = float(accuracy_score(labels, predicted))
+            metrics["test_macro_f1"] = float(
+                f1_score(labels, predicted, average="macro", labels=list(range(self.k)), zero_division=0)
+            )
+            metrics["test_images"] = len(test)
+        return metrics
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _last_blocks(model: nn.Module, count: int) -> list[nn.Parameter]:
+    """Parameters of the last `count` stages of the backbone and every layer after them."""
+    stages = getattr(model, "blocks", None)
+    if stages is None:
+        raise LoupeError("two_stage needs a backbone built of blocks (EfficientNet, MobileNet and the like).")
+    chosen = list(stages)[len(stages) - min(count, len(stages)):]
+    after = [m for name, m in model.named_children() if name in ("conv_head", "bn2")]
+    return [p for m in chosen + after for p in m.parameters()]
+
+
+def _mixed_precision(device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
+    """AMP on CUDA; bf16 on CPUs that compute it natively; full precision elsewhere."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
+    return contextlib.nullcontext, None
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+def _map_threads(fn: Callable, items: list) -> list:
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+def _load_resized(items: list[TrainItem], short_side: int) -> list:
+    """Decode each training image once, its shorter side resized to the eval resize size."""
+    resize = v2.Resize(short_side, antialias=True)
+    return _map_threads(lambda item: resize(open_image_rgb(item.path)), items)

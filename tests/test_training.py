@@ -1,0 +1,210 @@
+import numpy as np
+import pytest
+import torch
+
+from core import catalog
+from core.embeddings import EmbeddingCache, cache_key
+from core.ingest import ingest_bytes, open_image_rgb
+from core.errors import LoupeError
+from core.training import (
+    PRESETS,
+    EpochMetrics,
+    Progress,
+    TrainConfig,
+    TrainDataset,
+    TrainingCancelled,
+    TrainItem,
+    check_trainable,
+    class_weights,
+    dataset_from_catalog,
+    loss_function,
+    train,
+)
+from tests.test_embeddings import striped_png
+
+CLASS_STYLES = {"red_vertical": ((220, 20, 20), True), "blue_horizontal": ((20, 20, 220), False)}
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None):
+        self.progress_seen: list[Progress] = []
+        self.epochs: list[EpochMetrics] = []
+        self.stop_after = stop_after
+
+    def progress(self, p: Progress) -> None:
+        self.progress_seen.append(p)
+
+    def epoch(self, m: EpochMetrics) -> None:
+        self.epochs.append(m)
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.progress_seen) >= self.stop_after
+
+
+@pytest.fixture(scope="module")
+def trainable(tmp_path_factory):
+    """A workspace with 2 classes of 4 train + 2 val striped images each, 2 unlabelled and 1 excluded."""
+    from core.workspace import connect, open_workspace
+
+    ws = open_workspace(tmp_path_factory.mktemp("train") / "ws")
+    db = connect(ws)
+    for name, (color, vertical) in CLASS_STYLES.items():
+        for i in range(6):
+            shade = tuple(min(255, c + 6 * i) for c in color)
+            outcome = ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name, "val" if i >= 4 else "train")
+    for i, (color, vertical) in enumerate(CLASS_STYLES.values()):
+        ingest_bytes(ws, db, striped_png(tuple(c // 2 for c in color), vertical), f"new{i}.png")
+    excluded = ingest_bytes(ws, db, striped_png((0, 200, 0), True), "excluded.png", "red_vertical", "train")
+    db.execute("UPDATE images SET excluded = 1 WHERE id = ?", [excluded.image_id])
+    assert outcome.status == "added"
+    yield ws, db
+    db.close()
+
+
+def quick(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**PRESETS["quick"].to_dict(), "epochs": 10, "batch_size": 4, **changes})
+
+
+def test_config_round_trips_and_rejects_unknown_or_bad_settings():
+    config = TrainConfig(strategy="finetune", epochs=3, label_smoothing=0.0)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(LoupeError, match="learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(LoupeError, match="strategy"):
+        TrainConfig.from_dict({"strategy": "magic"})
+    with pytest.raises(LoupeError, match="epochs"):
+        TrainConfig.from_dict({"epochs": 0})
+    assert PRESETS["quick"].strategy == "head" and PRESETS["thorough"].strategy == "finetune"
+
+
+def test_dataset_from_catalog_leaves_out_excluded_and_archived(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    assert dataset.classes == list(CLASS_STYLES)
+    assert [len(dataset.split(s)) for s in ("train", "val", "test", "unlabelled")] == [8, 4, 0, 2]
+    assert all(item.path.is_file() for item in dataset.items)
+    assert {item.label for item in dataset.split("unlabelled")} == {None}
+
+    catalog.archive_class(db, "blue_horizontal")
+    try:
+        archived = dataset_from_catalog(ws, db)
+    finally:
+        catalog.archive_class(db, "blue_horizontal", archived=False)
+    assert archived.classes == ["red_vertical"] and len(archived.split("train")) == 4
+
+
+def item(i: int, label: int | None, split: str) -> TrainItem:
+    return TrainItem(i, f"{i:064x}", f"/nowhere/{i}.png", label, split)
+
+
+def test_check_trainable_names_the_problem_and_the_fix():
+    with pytest.raises(LoupeError, match="at least 2 classes.*Create another class"):
+        check_trainable(TrainDataset(["cat"], [item(1, 0, "train")]))
+    items = [item(1, 0, "train"), item(2, 0, "train"), item(3, 0, "val"), item(4, 1, "train"), item(5, 1, "val")]
+    with pytest.raises(LoupeError, match="'dog' has 1 training image;.*Label more images of 'dog'"):
+        check_trainable(TrainDataset(["cat", "dog"], items))
+    items[4] = item(5, 1, "train")
+    with pytest.raises(LoupeError, match="'dog' has no validation image.*val split"):
+        check_trainable(TrainDataset(["cat", "dog"], items))
+    items.append(item(6, 1, "val"))
+    check_trainable(TrainDataset(["cat", "dog"], items))
+
+
+def test_class_weights_schemes():
+    counts = [100, 10, 0]
+    assert class_weights(counts, "none") == [1.0, 1.0, 0.0]
+    for scheme in ("inverse", "inverse_sqrt", "effective_number"):
+        w = class_weights(counts, scheme)
+        assert w[1] > w[0] and w[2] == 0.0
+        # The average weight per training image stays 1, so the loss keeps its scale.
+        assert np.dot(w, counts) / sum(counts) == pytest.approx(1.0)
+    assert class_weights(counts, "inverse")[1] / class_weights(counts, "inverse")[0] == pytest.approx(10)
+    assert class_weights(counts, "inverse_sqrt")[1] / class_weights(counts, "inverse_sqrt")[0] == pytest.approx(10**0.5)
+    with pytest.raises(LoupeError):
+        class_weights(counts, "magic")
+
+
+def test_focal_loss_discounts_easy_examples():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [1.0, 0.0]])
+    target = torch.tensor([0, 1, 1])
+    plain = loss_function(TrainConfig(class_weighting="none", label_smoothing=0.0), [5, 5], torch.device("cpu"))
+    focal = loss_function(TrainConfig(class_weighting="none", label_smoothing=0.0, focal_gamma=2.0), [5, 5],
+                          torch.device("cpu"))
+    assert focal(logits, target).item() < plain(logits, target).item()
+
+
+def test_head_training_gives_a_full_network_that_agrees_with_the_head(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    reporter = Recorder()
+    result = train(quick(), dataset, reporter, EmbeddingCache(db))
+
+    assert [m.epoch for m in reporter.epochs] == list(range(1, 11))
+    assert {p.phase for p in reporter.progress_seen} >= {"embedding", "training"}
+    assert set(result.probabilities) == {item.image_id for item in dataset.items}
+    assert result.metrics["val_accuracy"] == 1.0 and result.metrics["val_macro_f1"] == 1.0
+    assert 1 <= result.best_epoch <= 10
+
+    # The saved network, run on the images themselves, gives the head's probabilities.
+    trained = result.model
+    assert trained.classes == dataset.classes
+    transform = trained.preprocessing.eval_transform()
+    val = dataset.split("val") + dataset.split("unlabelled")
+    with torch.inference_mode():
+        probs = trained.model(torch.stack([transform(open_image_rgb(i.path)) for i in val])).softmax(dim=1)
+    expected = np.array([result.probabilities[i.image_id] for i in val])
+    np.testing.assert_allclose(probs.numpy(), expected, atol=1e-4)
+    labels = np.array([i.label for i in dataset.split("val")])
+    assert (probs[: len(labels)].argmax(dim=1).numpy() == labels).mean() == result.metrics["val_accuracy"]
+
+
+def test_warm_cache_embeds_nothing_new(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    cache = EmbeddingCache(db)
+    train(quick(epochs=1), dataset, Recorder(), cache)
+    stored = cache.count(cache_key("efficientnet_lite0"))
+    reporter = Recorder()
+    train(quick(epochs=1), dataset, reporter, cache)
+    assert not [p for p in reporter.progress_seen if p.phase == "embedding"]
+    assert cache.count(cache_key("efficientnet_lite0")) == stored == len(dataset.items)
+
+
+def test_cancelling_stops_between_batches(trainable):
+    ws, db = trainable
+    reporter = Recorder(stop_after=2)
+    with pytest.raises(TrainingCancelled):
+        train(quick(batch_size=2), dataset_from_catalog(ws, db), reporter, EmbeddingCache(db))
+    assert reporter.epochs == []
+
+
+def test_fine_tuning_is_deterministic_with_a_seed(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    config = TrainConfig.from_dict(
+        {**PRESETS["thorough"].to_dict(), "epochs": 1, "batch_size": 4, "augmentation": "strong", "device": "cpu"}
+    )
+    first, second = (train(config, dataset, Recorder()) for _ in range(2))
+    assert first.probabilities == second.probabilities
+    assert set(first.probabilities) == {item.image_id for item in dataset.items}
+    # The backbone itself was trained, not only the new layer.
+    base = PRESETS["thorough"]
+    from core.checkpoints import build_classifier
+
+    untouched = build_classifier(base.backbone, 2).state_dict()["conv_stem.weight"]
+    assert not torch.equal(first.model.model.state_dict()["conv_stem.weight"], untouched)
+
+
+def test_two_stage_fits_the_head_then_the_last_blocks(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    config = TrainConfig(strategy="two_stage", head_epochs=2, epochs=1, batch_size=8, unfreeze_blocks=1, device="cpu")
+    reporter = Recorder()
+    result = train(config, dataset, reporter, EmbeddingCache(db))
+    assert [m.epoch for m in reporter.epochs] == [1, 2, 3]
+    state = result.model.model.state_dict()
+    from core.checkpoints import build_classifier
+
+    fresh = build_classifier(config.backbone, 2).state_dict()
+    assert torch.equal(state["conv_stem.weight"], fresh["conv_stem.weight"])  # early layers frozen
+    assert not torch.equal(state["conv_head.weight"], fresh["conv_head.weight"])  # last layers trained
