@@ -103,7 +103,11 @@ def main() -> int:
         with torch.inference_mode():
             return torch.softmax(model(batch), dim=1).numpy()
 
-    runtimes = {"eager": (eager, tensors), "ort_fp32": (fp32.probabilities, arrays), "ort_int8": (int8.probabilities, arrays)}
+    runtimes = {
+        "eager": (eager, tensors),
+        "ort_fp32": (fp32.probabilities, arrays),
+        "ort_int8": (int8.probabilities, arrays),
+    }
     figures = {}
     for name, (forward, inputs) in runtimes.items():
         batches = [inputs[i : i + BATCH_SIZE] for i in range(0, len(inputs), BATCH_SIZE)]

@@ -119,7 +119,13 @@ class BundlePredictor:
 
     def predict_files(self, paths: list[str | Path]) -> list[dict]:
         """One row per file: its predicted class, that class's probability, and every probability."""
-        probs = self.predict_images([load_rgb(path) for path in paths])
+        rows = []
+        for start in range(0, len(paths), BATCH_SIZE):
+            chunk = paths[start : start + BATCH_SIZE]
+            rows += self._rows(chunk, self.predict_images([load_rgb(path) for path in chunk]))
+        return rows
+
+    def _rows(self, paths: list[str | Path], probs: np.ndarray) -> list[dict]:
         rows = []
         for path, p in zip(paths, probs):
             best = int(np.argmax(p))

@@ -215,7 +215,9 @@ def export_onnx(trained: TrainedModel, path: Path, metadata: dict[str, str]) -> 
     _save_onnx_atomically(model, path)
 
 
-def torch_probabilities(trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
+def torch_probabilities(
+    trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE
+) -> np.ndarray:
     """What the dashboard computes: the run's own eval transform, the PyTorch model, softmax."""
     transform = trained.preprocessing.eval_transform()
     trained.model.eval()
@@ -280,7 +282,13 @@ class _CalibrationBatches(CalibrationDataReader):
 
 
 def quantise_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray], metadata: dict[str, str]) -> None:
-    """Static int8 (QDQ, per-channel weights, uint8 activations) calibrated on preprocessed train batches."""
+    """Static int8 calibrated on preprocessed train batches: QDQ, uint8 activations, per-channel int8 weights.
+
+    Per-channel scales are what keep the depthwise convolutions accurate. Weights use 7 bits
+    (`reduce_range`): on CPUs without VNNI the u8 x s8 kernels can saturate with full 8-bit weights,
+    and on EfficientNet-Lite0 this kept int8 accuracy equal to fp32 at the same speed (QOperator
+    format measured no faster than QDQ).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
@@ -290,11 +298,13 @@ def quantise_int8(fp32_path: Path, int8_path: Path, calibration: list[np.ndarray
             _CalibrationBatches(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
     model = onnx.load(str(int8_path))
-    set_metadata(model, {**metadata, "quantisation": "int8 static, QDQ, per-channel weights"})
+    quantisation = "int8 static, QDQ, uint8 activations, per-channel 7-bit int8 weights"
+    set_metadata(model, {**metadata, "quantisation": quantisation})
     _save_onnx_atomically(model, int8_path)
 
 

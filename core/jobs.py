@@ -110,15 +110,10 @@ def run_seconds(run: dict) -> float | None:
 
 
 def progress_fraction(progress: dict | None) -> float:
-    """How far the current phase is, 0..1, from the worker's last progress record."""
+    """How far the current phase (embedding, training, predicting) is, 0..1."""
     if not progress or not progress.get("total"):
         return 0.0
-    within = min(progress["step"] / progress["total"], 1.0)
-    epochs = progress.get("epochs") or 0
-    if epochs and progress.get("epoch"):
-        # Epochs count from 1; step/total is the part of the current epoch done.
-        return min((progress["epoch"] - 1 + within) / epochs, 1.0)
-    return within
+    return min(progress["step"] / progress["total"], 1.0)
 
 
 def eta_seconds(progress: dict | None) -> float | None:
@@ -256,14 +251,18 @@ def worker_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    proc = Path("/proc")
-    if not proc.is_dir():
+    proc = Path("/proc") / str(pid)
+    if not proc.parent.is_dir():
         return True
     try:
-        # A zombie's command line is empty; a reused pid runs something else.
-        return b"core.worker" in (proc / str(pid) / "cmdline").read_bytes()
-    except OSError:
+        cmdline = (proc / "cmdline").read_bytes()
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
+    if state in ("Z", "X"):
+        return False
+    # The command line is empty for a moment while a just-launched worker execs; a reused pid runs another one.
+    return not cmdline or b"core.worker" in cmdline
 
 
 # ---------------------------------------------------------------- worker side

@@ -96,7 +96,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _data_table(classes: list[str], snapshot: list[dict]) -> str:
     counts = Counter((r["label"], r["split"]) for r in snapshot)
-    rows = [[name, *(counts[(name, split)] for split in SPLITS), sum(counts[(name, s)] for s in SPLITS)] for name in classes]
+    rows = [
+        [name, *(counts[(name, split)] for split in SPLITS), sum(counts[(name, s)] for s in SPLITS)]
+        for name in classes
+    ]
     rows.append(["**all**", *(sum(counts[(n, s)] for n in classes) for s in SPLITS), len(snapshot)])
     return _table(["class", *SPLITS, "total"], rows)
 
@@ -133,7 +136,8 @@ def render(data: ModelCardData) -> str:
         _table(["class", "precision", "recall", "F1", "images"], per_class),
         f"![Confusion matrix]({data.confusion_image})",
         "## Known weaknesses",
-        "\n".join(f"- {line}" for line in data.weaknesses) or "None found on the validation images, and no review comments.",
+        "\n".join(f"- {line}" for line in data.weaknesses)
+        or "None found on the validation images, and no review comments.",
         "## Export checks",
         _table(
             ["check", "result"],
@@ -142,7 +146,10 @@ def render(data: ModelCardData) -> str:
                 ["opset", checks["opset"]],
                 ["validation images compared", checks["images"]],
                 ["max abs difference of probabilities, batch 1", f"{checks['batch1_max_abs_diff']:.2e}"],
-                [f"max abs difference of probabilities, batch {checks['batch_size']}", f"{checks['batch_n_max_abs_diff']:.2e}"],
+                [
+                    f"max abs difference of probabilities, batch {checks['batch_size']}",
+                    f"{checks['batch_n_max_abs_diff']:.2e}",
+                ],
                 ["allowed difference", f"{checks['tolerance']:.0e}"],
                 ["same predicted class for every image", "yes" if checks["same_classes"] else "no"],
             ],

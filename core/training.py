@@ -509,7 +509,8 @@ class _Run:
                 yield x_train[index], y_train[index]
 
         optimizer = self.optimizer([{"params": head.parameters(), "lr": self.config.lr}])
-        best = self.fit(head, optimizer, epochs, epoch_offset, batches, math.ceil(n / batch_size), lambda: head(x_val))
+        with _single_thread():
+            best = self.fit(head, optimizer, epochs, epoch_offset, batches, math.ceil(n / batch_size), lambda: head(x_val))
         model = build_classifier(self.config.backbone, self.k, self.config.weights_path)
         classifier = model.get_classifier()
         with torch.no_grad():
@@ -648,6 +649,18 @@ def _mixed_precision(device: torch.device) -> tuple[Callable[[], contextlib.Abst
     if device.type == "cpu" and _cpu_has_native_bf16():
         return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
     return contextlib.nullcontext, None
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    # A linear layer on a few hundred vectors: spreading such tiny ops over threads only adds
+    # synchronisation, which on a busy machine costs more than the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

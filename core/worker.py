@@ -75,6 +75,7 @@ class CatalogReporter:
     def __init__(self, db: Database, run_id: int):
         self._db, self._run_id = db, run_id
         self._phase: str | None = None
+        self._step = 0
         self._phase_started_at = now()
         self._latest: dict | None = None
         self._epochs: list[dict] = []
@@ -83,9 +84,11 @@ class CatalogReporter:
         self._stop = False
 
     def progress(self, p: Progress) -> None:
-        new_phase = p.phase != self._phase
+        # A step count going back is a new phase too (two_stage trains twice).
+        new_phase = p.phase != self._phase or p.step < self._step
         if new_phase:
             self._phase, self._phase_started_at = p.phase, now()
+        self._step = p.step
         self._latest = {**dataclasses.asdict(p), "at": now(), "phase_started_at": self._phase_started_at}
         self._flush_if_due(force=new_phase)
 
@@ -130,7 +133,7 @@ def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
         (image_id, split_of[image_id], class_ids[max(range(len(probs)), key=probs.__getitem__)], list(probs))
         for image_id, probs in result.probabilities.items()
     ]
-    jobs.finish_succeeded(db, run_id, {**result.metrics, "best_epoch": result.best_epoch}, predictions)
+    jobs.finish_succeeded(db, run_id, result.metrics, predictions)
 
 
 def _error_text(exc: BaseException) -> str:

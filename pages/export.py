@@ -84,7 +84,10 @@ def model_section(ws, db) -> None:
         return
     by_id = {run["id"]: run for run in runs}
     current = next((i for i, run in enumerate(runs) if run["is_current"]), 0)
-    run = by_id[st.selectbox("Run", list(by_id), index=current, format_func=lambda i: run_label(by_id[i]), key="export_run")]
+    chosen = st.selectbox(
+        "Run", list(by_id), index=current, format_func=lambda i: run_label(by_id[i]), key="export_run"
+    )
+    run = by_id[chosen]
     int8 = st.checkbox(
         "Also add an int8 model", key="export_int8",
         help="Quantised to 8-bit integers, calibrated on training images: smaller and usually faster on CPU. "
@@ -137,12 +140,14 @@ def backup_section(ws) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = ws.root / "backups" / f"loupe-backup-{stamp}.zip"
         try:
-            st.session_state["backup"] = (out, backup_workspace(ws, out))
+            st.session_state["backup_result"] = (out, backup_workspace(ws, out))
         except LoupeError as exc:
             st.error(str(exc))
-    if "backup" in st.session_state:
-        out, counts = st.session_state["backup"]
-        st.success(f"Backed up {counts['images']} images and {counts['runs']} runs to `{out}` ({megabytes(counts['bytes'])}).")
+    if "backup_result" in st.session_state:
+        out, counts = st.session_state["backup_result"]
+        st.success(
+            f"Backed up {counts['images']} images and {counts['runs']} runs to `{out}` ({megabytes(counts['bytes'])})."
+        )
         st.download_button(
             "Download backup", data=out.read_bytes(), file_name=out.name, mime="application/zip",
             key="download_backup", icon=":material/download:",

@@ -10,12 +10,19 @@ import streamlit as st
 from core import jobs
 from core.backbones import available_backbones
 from core.errors import LoupeError
-from core.training import PRESETS, TrainConfig, class_weights, dataset_from_catalog
+from core.training import (
+    AUGMENTATIONS, CLASS_WEIGHTINGS, DEVICES, OPTIMIZERS, PRESETS, SCHEDULERS, STRATEGIES, TrainConfig, class_weights,
+    dataset_from_catalog,
+)
 from dashboard import state
 
 PRESET_HELP = {
     "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
     "thorough": "Thorough: fine-tunes the whole network; minutes, usually a little more accurate.",
+}
+CHOICES = {
+    "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "class_weighting": CLASS_WEIGHTINGS,
+    "augmentation": AUGMENTATIONS, "device": DEVICES,
 }
 LIVE_REFRESH_SECONDS = 1.0
 IDLE_REFRESH_SECONDS = 5.0
@@ -24,37 +31,32 @@ IDLE_REFRESH_SECONDS = 5.0
 # ---------------------------------------------------------------- settings
 
 
-def _field_input(field: dataclasses.Field, hint: typing.Any, value: typing.Any, key: str) -> typing.Any:
-    """One widget for one TrainConfig field, chosen from its type."""
-    label = field.name.replace("_", " ")
-    help_text = field.metadata.get("help")
-    choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else field.metadata.get("choices")
-    if field.name == "backbone":
-        choices = list(dict.fromkeys([value, *available_backbones()]))
+def _field_input(name: str, value: typing.Any, key: str) -> typing.Any:
+    """One widget for one TrainConfig field, chosen from its allowed values or its type."""
+    label = name.replace("_", " ")
+    choices = list(dict.fromkeys([value, *available_backbones()])) if name == "backbone" else CHOICES.get(name)
     if choices:
-        return st.selectbox(label, list(choices), index=list(choices).index(value), key=key, help=help_text)
+        return st.selectbox(label, choices, index=list(choices).index(value), key=key)
     if isinstance(value, bool):
-        return st.checkbox(label, value=value, key=key, help=help_text)
+        return st.checkbox(label, value=value, key=key)
     if isinstance(value, int):
-        return int(st.number_input(label, value=value, step=1, key=key, help=help_text))
+        return int(st.number_input(label, value=value, step=1, key=key))
     if isinstance(value, float):
-        return float(st.number_input(label, value=value, format="%g", key=key, help=help_text))
-    return st.text_input(label, value="" if value is None else str(value), key=key, help=help_text) or None
+        return float(st.number_input(label, value=value, format="%g", key=key))
+    # Optional text settings (a local weights file): empty means none.
+    return st.text_input(label, value=value or "", key=key).strip() or None
 
 
 def config_form(preset: str) -> TrainConfig:
-    """The preset's config, with every field editable in an expander."""
+    """The preset's config with every field editable in an expander; LoupeError if a value cannot work."""
     defaults = PRESETS[preset]
-    hints = typing.get_type_hints(TrainConfig)
     values = {}
     with st.expander("Advanced"):
         columns = st.columns(3)
         for number, field in enumerate(dataclasses.fields(TrainConfig)):
             with columns[number % 3]:
-                values[field.name] = _field_input(
-                    field, hints[field.name], getattr(defaults, field.name), key=f"config_{preset}_{field.name}"
-                )
-    return TrainConfig.from_dict({**defaults.to_dict(), **values})
+                values[field.name] = _field_input(field.name, getattr(defaults, field.name), f"config_{preset}_{field.name}")
+    return TrainConfig.from_dict(values)
 
 
 def class_balance(db, config: TrainConfig) -> None:
@@ -80,7 +82,11 @@ def start_section(db) -> None:
         help=" ".join(PRESET_HELP.get(name, "") for name in PRESETS),
     )
     st.caption(PRESET_HELP.get(preset, ""))
-    config = config_form(preset)
+    try:
+        config = config_form(preset)
+    except LoupeError as exc:
+        st.error(str(exc))
+        return
     class_balance(db, config)
     if st.button("Train", type="primary", key="train"):
         try:

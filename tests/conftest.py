@@ -87,3 +87,61 @@ def app_workspace(workspace, monkeypatch):
     """The workspace the dashboard opens (through LOUPE_WORKSPACE) in AppTests of its pages."""
     monkeypatch.setenv("LOUPE_WORKSPACE", str(workspace.root))
     return workspace
+
+
+@pytest.fixture
+def make_run(workspace, db):
+    """Make a succeeded run without training: a checkpoint of the offline backbone with a fresh head,
+    the catalog's labelled images as its snapshot, and stored predictions.
+
+    `make(probs={image_id: [p, ...]}, current=True, seed=0)`: probabilities in the order of the
+    catalog's classes; without `probs`, seeded random ones for every image. Returns the run id.
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from core import catalog, jobs
+    from core.backbones import DEFAULT_BACKBONE, get_spec
+    from core.checkpoints import TrainedModel, build_classifier, run_checkpoint_path, save_checkpoint
+    from core.training import TrainConfig
+
+    def make(probs: dict | None = None, current: bool = True, seed: int = 0) -> int:
+        classes = catalog.list_classes(db)
+        names = [c["name"] for c in classes]
+        previous = jobs.current_run(db)
+        run_id = db.execute(
+            "INSERT INTO runs (status, config, created_at, started_at) VALUES ('running', ?, ?, ?)",
+            [json.dumps(TrainConfig().to_dict()), catalog.now(), catalog.now()],
+        ).lastrowid
+        db.execute(
+            "INSERT INTO run_items (run_id, image_id, class_id, split) "
+            "SELECT ?, labels.image_id, labels.class_id, coalesce(splits.split, 'train') FROM labels "
+            "JOIN images ON images.id = labels.image_id LEFT JOIN splits ON splits.image_id = labels.image_id "
+            "WHERE images.excluded = 0",
+            [run_id],
+        )
+        splits = {r["image_id"]: r["split"] for r in db.query("SELECT * FROM run_items WHERE run_id = ?", [run_id])}
+        if probs is None:
+            rng = np.random.default_rng(seed)
+            ids = [r["id"] for r in db.query("SELECT id FROM images WHERE excluded = 0")]
+            chosen = {i: rng.dirichlet(np.ones(len(names))).tolist() for i in ids}
+        else:
+            chosen = probs
+        torch.manual_seed(seed)
+        model = build_classifier(DEFAULT_BACKBONE, len(names))
+        trained = TrainedModel(model, names, DEFAULT_BACKBONE, get_spec(DEFAULT_BACKBONE).preprocessing)
+        save_checkpoint(run_checkpoint_path(workspace, run_id), trained)
+        predictions = [
+            (image_id, splits.get(image_id, "unlabelled"), classes[int(np.argmax(p))]["id"], list(p))
+            for image_id, p in chosen.items()
+        ]
+        jobs.finish_succeeded(db, run_id, {}, predictions)
+        if not current and previous:
+            jobs.promote(db, previous["id"])
+        elif not current:
+            db.execute("UPDATE runs SET is_current = 0 WHERE id = ?", [run_id])
+        return run_id
+
+    return make

@@ -11,7 +11,7 @@ from sqlite_utils import Database
 from core import ingest
 from core.backbones import get_spec
 from core.catalog import now
-from core.checkpoints import TrainedModel, build_classifier, run_checkpoint_path, save_checkpoint
+from core.checkpoints import TrainedModel, run_checkpoint_path, save_checkpoint
 from core.workspace import Workspace
 
 # timm's tiny test network: the same code paths as a real backbone at a fraction of the cost.
@@ -22,12 +22,6 @@ def tiny_model(classes: list[str]) -> TrainedModel:
     torch.manual_seed(0)
     model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=len(classes), exportable=True)
     return TrainedModel(model.eval(), classes, TINY_BACKBONE, get_spec(TINY_BACKBONE).preprocessing)
-
-
-def lite0_model(classes: list[str]) -> TrainedModel:
-    torch.manual_seed(0)
-    spec = get_spec("efficientnet_lite0")
-    return TrainedModel(build_classifier(spec.name, len(classes)).eval(), classes, spec.name, spec.preprocessing)
 
 
 def make_succeeded_run(ws: Workspace, db: Database, trained: TrainedModel, current: bool = True) -> int:

@@ -55,7 +55,8 @@ def test_backup_and_restore_give_the_same_catalog(busy_workspace, db, tmp_path, 
             assert (restored / thumb).is_file()
     restored_db = connect(Workspace(restored))
     assert labels_of(restored_db) == labels_of(db)
-    assert run_checkpoint_path(Workspace(restored), 1).read_bytes() == run_checkpoint_path(busy_workspace, 1).read_bytes()
+    restored_model = run_checkpoint_path(Workspace(restored), 1)
+    assert restored_model.read_bytes() == run_checkpoint_path(busy_workspace, 1).read_bytes()
     restored_db.close()
 
 

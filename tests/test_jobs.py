@@ -11,6 +11,8 @@ from core.errors import LoupeError
 from core.jobs import RunStatus
 from core.training import PRESETS
 
+LONG_AGO = "2000-01-01T00:00:00.000+00:00"
+
 
 def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -100,7 +102,7 @@ def test_reap_fails_a_run_whose_worker_is_gone_but_waits_for_a_stale_heartbeat(l
     assert jobs.reap(labelled_workspace, db) == []
     assert jobs.get_run(db, run_id)["status"] == RunStatus.RUNNING
 
-    set_run(db, run_id, heartbeat_at="2000-01-01T00:00:00.000+00:00")
+    set_run(db, run_id, heartbeat_at=LONG_AGO)
     assert jobs.reap(labelled_workspace, db) == [run_id]
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.FAILED
@@ -128,7 +130,8 @@ def test_reap_stops_a_run_that_ignores_its_cancel(labelled_workspace, db):
     jobs.cancel(db, run_id)
 
     assert jobs.reap(labelled_workspace, db) == []
-    assert jobs.reap(labelled_workspace, db, cancel_grace=0) == [run_id]
+    set_run(db, run_id, cancel_requested_at=LONG_AGO)
+    assert jobs.reap(labelled_workspace, db) == [run_id]
     assert stubborn.wait(timeout=10) == -9
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.CANCELLED
@@ -165,16 +168,17 @@ def test_finish_succeeded_stores_predictions_and_metrics_and_makes_the_run_curre
     )
 
 
-def test_progress_fraction_and_eta_follow_epochs_and_batches():
+def test_progress_fraction_and_eta_follow_the_current_phase():
     progress = {
-        "phase": "train", "step": 5, "total": 10, "epoch": 2, "epochs": 4, "loss": 0.5,
+        "phase": "training", "step": 15, "total": 40, "epoch": 2, "epochs": 4, "loss": 0.5,
         "phase_started_at": "2026-01-01T00:00:00.000+00:00", "at": "2026-01-01T00:00:15.000+00:00",
     }
-    assert jobs.progress_fraction(progress) == pytest.approx(1.5 / 4)
+    assert jobs.progress_fraction(progress) == pytest.approx(15 / 40)
     assert jobs.eta_seconds(progress) == pytest.approx(25.0)
-    assert jobs.progress_fraction({**progress, "epochs": 0, "epoch": 0}) == pytest.approx(0.5)
+    assert jobs.progress_fraction({**progress, "step": 50}) == 1.0
     assert jobs.progress_fraction(None) == 0.0
     assert jobs.eta_seconds(None) is None
+    assert jobs.eta_seconds({**progress, "step": 0}) is None
 
 
 def test_run_seconds_from_start_to_finish():
@@ -182,3 +186,5 @@ def test_run_seconds_from_start_to_finish():
     assert jobs.run_seconds(run) == pytest.approx(62.5)
     assert jobs.run_seconds({"started_at": None}) is None
     assert jobs.run_seconds({"started_at": now(), "finished_at": None}) < 5
+
+

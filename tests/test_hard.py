@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from core import catalog, hard, ingest
+from core.errors import LoupeError
+from core.metrics import load_run_predictions
+from tests.conftest import add_labelled_images, image_bytes
+
+
+def blobs(per_class=30, classes=2, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, size=(classes, dim))
+    x = np.concatenate([centres[c] + rng.normal(0, 1, size=(per_class, dim)) for c in range(classes)])
+    y = np.repeat(np.arange(classes), per_class)
+    return x, y
+
+
+def test_uncertainty_measures():
+    probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])
+    assert hard.margin(probs) == pytest.approx([0.0, 0.8, 0.2])
+    assert np.argsort(-hard.uncertainty(probs, "entropy")).tolist() == [0, 2, 1]
+    with pytest.raises(LoupeError):
+        hard.uncertainty(probs, "luck")
+
+
+def test_misclassified_by_loss_and_narrow_wins_by_margin():
+    probs = np.array([[0.2, 0.8], [0.45, 0.55], [0.9, 0.1], [0.55, 0.45], [0.01, 0.99]])
+    labels = np.array([0, 0, 0, 0, 0])
+    assert hard.misclassified_order(probs, labels).tolist() == [4, 0, 1]
+    assert hard.low_margin_correct_order(probs, labels).tolist() == [3, 2]
+
+
+def test_a_flipped_label_ranks_at_the_top():
+    x, y = blobs()
+    noisy = y.copy()
+    flipped = [3, 40]
+    noisy[flipped] = 1 - noisy[flipped]
+    probs = hard.out_of_fold_probs(x, noisy)
+    order, quality, flagged = hard.label_issue_order(noisy, probs)
+    assert set(order[:2]) == set(flipped)
+    assert flagged[flipped].all()
+    assert sorted(order.tolist()) == list(range(len(y)))  # every image, once
+
+
+def test_out_of_fold_needs_two_images_per_class():
+    with pytest.raises(LoupeError, match="at least 2"):
+        hard.out_of_fold_probs(np.eye(3), np.array([0, 0, 1]))
+
+
+def test_near_duplicates_flag_leakage_and_conflicting_labels():
+    x, _ = blobs(per_class=3, classes=3, dim=8)
+    x = np.concatenate([x, x[[0]] + 1e-3, x[[4]] + 1e-3])  # 9 is a copy of 0, 10 of 4
+    ids = np.arange(100, 111)
+    splits = np.array(["train"] * 9 + ["val", "train"], dtype=object)
+    labels = ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a", "c"]
+    queue = hard.near_duplicate_queue(ids, splits, labels, x, threshold=0.999)
+    assert len(queue) == 2
+    leak = queue[queue.leakage].iloc[0]
+    assert {leak.image_id, leak.other_image_id} == {100, 109} and not leak.label_conflict
+    conflict = queue[queue.label_conflict].iloc[0]
+    assert {conflict.image_id, conflict.other_image_id} == {104, 110} and not conflict.leakage
+
+
+def test_labelling_orders():
+    probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]])
+    assert hard.labelling_order(probs, "margin").tolist() == [1, 2, 0]
+    # Diverse: the first batch covers every cluster, even where the model is sure.
+    x, y = blobs(per_class=20, classes=4, dim=8)
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1, 1], size=len(y))
+    probs[y == 0] = [0.5, 0.5]  # all the doubt sits in one cluster
+    order = hard.labelling_order(probs, "diverse", x, batch=4)
+    assert sorted(y[order[:4]].tolist()) == [0, 1, 2, 3]
+    assert sorted(order.tolist()) == list(range(len(y)))
+    assert set(y[hard.labelling_order(probs, "margin")[:4]]) == {0}
+    with pytest.raises(LoupeError, match="embeddings"):
+        hard.labelling_order(probs, "diverse")
+
+
+def test_queues_from_a_run(workspace, db, make_run):
+    add_labelled_images(workspace, db, {"red": {"train": 3, "val": 2}, "blue": {"train": 3, "val": 2}}, unlabelled=3)
+    run = make_run(seed=3)
+    preds = load_run_predictions(workspace, db, run)
+    wrong = hard.misclassified_queue(preds)
+    assert (wrong.label != wrong.predicted).all()
+    assert list(wrong.loss) == sorted(wrong.loss, reverse=True)
+    assert set(hard.unlabelled_queue(preds, "margin").split) == {"unlabelled"}
+
+    labelled = preds.labelled()
+    features = hard.run_embeddings(workspace, db, {"config": None}, labelled.image_ids)
+    assert features.shape == (10, 1280)
+    queue = hard.mislabelled_queue(preds, features)
+    assert sorted(queue.image_id) == sorted(labelled.image_ids.tolist())
+    assert hard.run_embeddings(workspace, db, {"config": None}, labelled.image_ids, compute_missing=False) is not None
+
+
+def test_label_page_order_and_suggestion(workspace, db, make_run):
+    add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
+    unsure, sure, unseen = (
+        ingest.ingest_bytes(workspace, db, image_bytes((9, 9, n), (32, 32)), f"u{n}.png").image_id for n in range(3)
+    )
+    assert hard.unsure_first_image_ids(db) == [unsure, sure, unseen]  # no model yet: catalog order
+    make_run({unsure: [0.55, 0.45], sure: [0.05, 0.95]})
+    assert hard.unsure_first_image_ids(db) == [unsure, sure, unseen]
+    make_run({unsure: [0.99, 0.01], sure: [0.5, 0.5]})
+    assert hard.unsure_first_image_ids(db) == [sure, unsure, unseen]
+    assert hard.suggested_label(db, unsure) == ("red", pytest.approx(0.99))
+    assert hard.suggested_label(db, unseen) is None
+    catalog.set_label(db, sure, "blue", "me")
+    assert sure not in hard.unsure_first_image_ids(db)
