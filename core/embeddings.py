@@ -6,6 +6,8 @@ after a few new labels only embeds the new images.
 
 from __future__ import annotations
 
+import io
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
@@ -21,6 +23,7 @@ from core.ingest import open_image_rgb
 EMBED_BATCH_SIZE = 32
 # Decoding (Pillow releases the GIL) runs in threads alongside the forward pass.
 DECODE_THREADS = 2
+ONNX_MIN_IMAGES = 200
 
 
 class EmbeddableItem(Protocol):
@@ -101,6 +104,7 @@ def embed_images(
     items: Sequence[EmbeddableItem],
     progress: Callable[[int, int], None] | None = None,
     weights_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """One feature vector per item (rows in item order), computing only those not in the cache.
 
@@ -114,10 +118,44 @@ def embed_images(
         if item.sha256 not in known:
             missing.setdefault(item.sha256, Path(item.path))
     if missing:
-        known.update(_compute(cache, key, backbone_name, weights_path, missing, progress))
+        known.update(_compute(cache, key, backbone_name, weights_path, missing, progress, torch.device(device)))
     if not items:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack([known[item.sha256] for item in items])
+
+
+def feature_extractor(
+    model: nn.Module, input_size: int, images: int, device: torch.device
+) -> Callable[[torch.Tensor], np.ndarray]:
+    """The fastest way to run `model` (pooled features out) over `images` images on `device`.
+
+    Measured on a 2-core CPU, Lite0, batches of 32: eager NCHW 25 images/s, eager channels_last
+    54, onnxruntime 115. Exporting to ONNX takes a few seconds, so it pays from a couple of
+    hundred images on; a GPU runs the model eagerly.
+    """
+    if device.type == "cpu" and images >= ONNX_MIN_IMAGES:
+        return _onnx_runner(model, input_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    return lambda batch: extract_features(model, batch.to(device)).float().cpu().numpy()
+
+
+def _onnx_runner(model: nn.Module, input_size: int) -> Callable[[torch.Tensor], np.ndarray]:
+    import onnxruntime
+
+    exported = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the fast one for a plain CNN; its deprecation notice is noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, input_size, input_size),), exported, input_names=["image"],
+            output_names=["features"], dynamic_axes={"image": {0: "batch"}}, dynamo=False,
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # Decoding threads share the cores: spinning onnxruntime threads would starve them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(exported.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"image": batch.numpy()})[0]
 
 
 def _compute(
@@ -127,15 +165,16 @@ def _compute(
     weights_path: str | Path | None,
     missing: dict[str, Path],
     progress: Callable[[int, int], None] | None,
+    device: torch.device,
 ) -> dict[str, np.ndarray]:
     configure_threads()
-    model = create_backbone(backbone_name, weights_path).to(memory_format=torch.channels_last)
-    transform = get_spec(backbone_name).preprocessing.eval_transform()
+    pre = get_spec(backbone_name).preprocessing
+    run = feature_extractor(create_backbone(backbone_name, weights_path), pre.input_size, len(missing), device)
     sha256s, paths = list(missing), list(missing.values())
     computed: dict[str, np.ndarray] = {}
     done = 0
-    for batch in decoded_batches(paths, transform):
-        features = extract_features(model, batch).float().numpy()
+    for batch in decoded_batches(paths, pre.eval_transform()):
+        features = run(batch).astype(np.float32, copy=False)
         fresh = dict(zip(sha256s[done : done + len(features)], features))
         if cache:
             cache.put_many(key, fresh)

@@ -6,8 +6,11 @@ macro-F1) with its probabilities on every item. Writing runs to disk is the call
 
 Strategies:
 - `head`: frozen backbone; a linear layer on cached embeddings (the seconds-long retrain);
-- `finetune`: the whole network, the backbone at a lower learning rate than the head;
+- `finetune`: the whole network, the backbone at a lower learning rate than the head (after a
+  `head` fit of the new layer when `head_epochs` > 0);
 - `two_stage`: the `head` fit first, then the last `unfreeze_blocks` blocks fine-tuned with it.
+
+The best state over all epochs, by validation macro-F1, is the one returned.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     unfreeze_blocks: int = 2  # two_stage: how many of the last backbone blocks are fine-tuned
-    head_epochs: int = 60  # two_stage: epochs of the first, head-only stage
+    # finetune and two_stage: epochs of a first fit of the new layer alone, on cached embeddings;
+    # 0 starts fine-tuning from a freshly initialised layer (two_stage needs at least 1).
+    head_epochs: int = 60
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +116,8 @@ class TrainConfig:
             raise LoupeError("label_smoothing must be at least 0 and less than 1.")
         if self.weight_decay < 0 or self.momentum < 0 or self.focal_gamma < 0:
             raise LoupeError("weight_decay, momentum and focal_gamma cannot be negative.")
+        if self.strategy == "two_stage" and self.head_epochs < 1:
+            raise LoupeError("two_stage fits the new layer first: head_epochs must be at least 1.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise LoupeError("device is cuda but no CUDA GPU is available: choose auto or cpu.")
         if self.device == "mps" and not torch.backends.mps.is_available():
@@ -275,12 +282,18 @@ def train(
     run = _Run(config, dataset, reporter, device, spec.preprocessing)
     if config.strategy == "head":
         model, best = run.fit_head(cache, config.epochs, epoch_offset=0)
+    elif config.head_epochs:
+        # Fitting the new layer first keeps a random layer's large early gradients from
+        # distorting the pretrained features (linear probing, then fine-tuning).
+        model, head_best = run.fit_head(cache, config.head_epochs, epoch_offset=0)
+        head_state = {k: v.clone() for k, v in model.state_dict().items()}
+        _seed_everything(config.seed)
+        model, best = run.fit_images(model, epoch_offset=config.head_epochs)
+        if not head_best.improved_by(best.macro_f1, best.val_loss):
+            model.load_state_dict(head_state)
+            best = head_best
     else:
-        head = None
-        if config.strategy == "two_stage":
-            head, _ = run.fit_head(cache, config.head_epochs, epoch_offset=0)
-            _seed_everything(config.seed)
-        model, best = run.fit_images(head, epoch_offset=config.head_epochs if head is not None else 0)
+        model, best = run.fit_images(None, epoch_offset=0)
     probabilities = run.predict_rest(model, best, cache)
     metrics = run.metrics(best, probabilities)
     metrics["seconds"] = time.perf_counter() - started
@@ -376,7 +389,7 @@ class _Run:
         self.val_items = dataset.split("val")
         self.train_counts = _counts(self.train_items, self.k)
         self.val_labels = np.array([item.label for item in self.val_items])
-        self.total_epochs = config.epochs + (config.head_epochs if config.strategy == "two_stage" else 0)
+        self.total_epochs = config.epochs + (config.head_epochs if config.strategy != "head" else 0)
         self.features: np.ndarray | None = None
 
     # ------------------------------------------------------------ shared pieces
@@ -395,7 +408,9 @@ class _Run:
                 self.check_stop()
 
             self.check_stop()
-            self.features = embed_images(cache, self.config.backbone, items, progress, self.config.weights_path)
+            self.features = embed_images(
+                cache, self.config.backbone, items, progress, self.config.weights_path, self.device
+            )
         return self.features
 
     def evaluate(self, logits: torch.Tensor) -> tuple[float, float, float, np.ndarray]:

@@ -4,7 +4,7 @@ import dataclasses
 import typing
 
 import pandas as pd
-import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from core import jobs
@@ -24,7 +24,7 @@ CHOICES = {
     "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "class_weighting": CLASS_WEIGHTINGS,
     "augmentation": AUGMENTATIONS, "device": DEVICES,
 }
-LIVE_REFRESH_SECONDS = 1.0
+LIVE_REFRESH_SECONDS = 2.0
 IDLE_REFRESH_SECONDS = 5.0
 
 
@@ -95,9 +95,7 @@ def start_section(db) -> None:
             st.error(str(exc))
             return
         jobs.start_next_queued(state.workspace(), db)
-        st.session_state["train_message"] = f"Run #{run_id} queued."
-    if message := st.session_state.pop("train_message", None):
-        st.success(message)
+        st.toast(f"Run #{run_id} queued.")
 
 
 # ---------------------------------------------------------------- live run and history
@@ -110,24 +108,31 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+def _line_chart(epochs: list[dict], columns: list[str], title: str, **layout) -> go.Figure:
+    # Graph objects, not plotly express: this is redrawn every second while a run trains.
+    x = [row["epoch"] for row in epochs]
+    figure = go.Figure([go.Scatter(x=x, y=[row[c] for row in epochs], name=c.replace("_", " ")) for c in columns])
+    return figure.update_layout(title=title, xaxis_title="epoch", margin={"t": 40, "b": 40}, **layout)
+
+
 def curves(db, run_id: int) -> None:
-    epochs = pd.DataFrame(jobs.run_epochs(db, run_id))
-    if epochs.empty:
+    epochs = jobs.run_epochs(db, run_id)
+    if not epochs:
         return
     loss_column, score_column = st.columns(2)
-    loss = epochs.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="", value_name="loss")
-    loss_column.plotly_chart(px.line(loss, x="epoch", y="loss", color="", markers=True, title="Loss"),
-                             width="stretch", key=f"loss_{run_id}")
-    score = epochs.melt(id_vars="epoch", value_vars=["val_accuracy", "val_macro_f1"], var_name="", value_name="score")
+    loss_column.plotly_chart(_line_chart(epochs, ["train_loss", "val_loss"], "Loss"), key=f"loss_{run_id}")
     score_column.plotly_chart(
-        px.line(score, x="epoch", y="score", color="", markers=True, title="Validation accuracy and macro-F1"),
-        width="stretch", key=f"score_{run_id}",
+        _line_chart(epochs, ["val_accuracy", "val_macro_f1"], "Validation accuracy and macro-F1",
+                    yaxis_range=[0, 1.02]),
+        key=f"score_{run_id}",
     )
 
 
 def live_run(db, run: dict) -> None:
     progress = run["progress"]
-    if run["status"] == jobs.RunStatus.QUEUED:
+    if run["status"] == jobs.RunStatus.QUEUED and run["pid"]:
+        st.info(f"Run #{run['id']} is starting.")
+    elif run["status"] == jobs.RunStatus.QUEUED:
         st.info(f"Run #{run['id']} is queued: it starts when the run before it finishes.")
     else:
         fraction = jobs.progress_fraction(progress)
@@ -171,7 +176,7 @@ def history(db, runs: list[dict]) -> None:
         [
             {
                 "run": run["id"],
-                "current": "✅" if run["is_current"] else "",
+                "current": bool(run["is_current"]),
                 "status": run["status"],
                 "strategy": (run["config"] or {}).get("strategy", ""),
                 "backbone": (run["config"] or {}).get("backbone", ""),
@@ -187,7 +192,8 @@ def history(db, runs: list[dict]) -> None:
         ]
     )
     st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={"val accuracy": st.column_config.NumberColumn(format="percent")})
+                 column_config={"current": st.column_config.CheckboxColumn(help="The model in use"),
+                                "val accuracy": st.column_config.NumberColumn(format="percent")})
     promotable = [run["id"] for run in runs if run["status"] == jobs.RunStatus.SUCCEEDED and not run["is_current"]]
     if promotable:
         columns = st.columns([1, 3])

@@ -30,7 +30,11 @@ def test_transparent_images_are_flattened_onto_white(tmp_path):
 
 def test_the_predictor_imports_only_onnxruntime_numpy_and_pillow():
     tree = ast.parse(open(bundle_predict.__file__).read())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module.split(".")[0])
     third_party = modules - {"__future__", "argparse", "csv", "json", "sys", "zipfile", "dataclasses", "pathlib"}
     assert third_party == {"numpy", "onnxruntime", "PIL"}

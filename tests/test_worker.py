@@ -94,19 +94,6 @@ def test_a_succeeded_run_leaves_its_model_predictions_and_epochs(trained):
     assert epochs[0]["train_loss"] is not None and epochs[0]["seconds"] > 0
 
 
-def test_cancel_stops_a_training_run_within_seconds(labelled_workspace, db):
-    run_id = start(labelled_workspace, db, SLOW_CONFIG)
-    pid = wait_until_training(db, run_id)["pid"]
-
-    assert jobs.cancel(db, run_id) == RunStatus.CANCELLING
-    cancelled_at = time.monotonic()
-    wait_for(lambda: jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED, timeout=10)
-    assert time.monotonic() - cancelled_at < 10
-    wait_for(lambda: not jobs.worker_alive(pid), timeout=10)
-    assert jobs.current_run(db) is None
-    assert not run_checkpoint_path(labelled_workspace, run_id).exists()
-
-
 def test_a_killed_worker_leaves_a_failed_run_an_intact_catalog_and_the_previous_model(trained):
     ws, db, previous, _ = trained
     run_id = start(ws, db, SLOW_CONFIG)
@@ -126,24 +113,27 @@ def test_a_killed_worker_leaves_a_failed_run_an_intact_catalog_and_the_previous_
     assert load_run_model(ws, previous).classes == ["red", "blue"]
 
 
-def test_labelling_while_a_run_trains_never_finds_the_database_locked(labelled_workspace, db):
+def test_labelling_during_a_run_never_finds_the_database_locked_and_cancel_stops_the_run(labelled_workspace, db):
     run_id = start(labelled_workspace, db, SLOW_CONFIG)
-    heartbeat_before = wait_until_training(db, run_id)["heartbeat_at"]
+    run = wait_until_training(db, run_id)
     unlabelled = catalog.image_ids(db, catalog.ImageFilter(unlabelled=True))
 
     changes = 0
     deadline = time.monotonic() + 20
     # Label at a brisk human pace until the worker has written to the catalog meanwhile.
-    while jobs.get_run(db, run_id)["heartbeat_at"] == heartbeat_before or changes < 50:
+    while jobs.get_run(db, run_id)["heartbeat_at"] == run["heartbeat_at"] or changes < 50:
         assert time.monotonic() < deadline, "the worker wrote no heartbeat while we labelled"
         catalog.set_label(db, unlabelled[changes % 2], ("red", "blue", None)[changes % 3], "tester")
         changes += 1
         time.sleep(0.01)
     assert catalog.undo_last_label(db, "tester") in unlabelled
-
     assert jobs.get_run(db, run_id)["status"] == RunStatus.RUNNING
-    jobs.cancel(db, run_id)
-    wait_for(lambda: jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED, timeout=10)
+
+    assert jobs.cancel(db, run_id) == RunStatus.CANCELLING
+    wait_for(lambda: jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED, timeout=5)
+    wait_for(lambda: not jobs.worker_alive(run["pid"]), timeout=10)
+    assert jobs.current_run(db) is None
+    assert not run_checkpoint_path(labelled_workspace, run_id).exists()
 
 
 def test_a_worker_refuses_a_run_that_is_not_queued(labelled_workspace, db):
