@@ -327,6 +327,17 @@ def unsure_first_image_ids(db: Database, measure: str = "margin") -> list[int]:
     return [seen[i]["id"] for i in order] + unseen
 
 
+def next_unsure_image_id(db: Database, after_id: int = 0) -> int | None:
+    """The Label page's "model is unsure first" order: the image after `after_id` in that order,
+    or the least sure one when `after_id` is not in it (just labelled, say)."""
+    order = unsure_first_image_ids(db)
+    if not order:
+        return None
+    if after_id in order:
+        return order[(order.index(after_id) + 1) % len(order)]
+    return order[0]
+
+
 def suggested_label(db: Database, image_id: int) -> tuple[str, float] | None:
     """The current model's predicted class for this image and its probability, if it predicted one."""
     row = next(

@@ -298,7 +298,8 @@ def record_progress(db: Database, run_id: int, progress: dict | None, epochs: li
             db.execute("UPDATE runs SET progress = ? WHERE id = ?", [json.dumps(progress), run_id])
         db.conn.executemany(
             "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, val_loss, val_accuracy, val_macro_f1, "
-            "lr, seconds) VALUES (:run_id, :epoch, :train_loss, :val_loss, :val_accuracy, :val_macro_f1, :lr, :seconds)",
+            "lr, seconds) VALUES (:run_id, :epoch, :train_loss, :val_loss, :val_accuracy, :val_macro_f1, :lr, "
+            ":seconds)",
             [{"run_id": run_id, **epoch} for epoch in epochs],
         )
 
@@ -318,7 +319,8 @@ def finish_succeeded(
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db.conn.executemany(
             "INSERT INTO predictions (run_id, image_id, split, predicted_class_id, probs) VALUES (?, ?, ?, ?, ?)",
-            [(run_id, image_id, split, class_id, json.dumps(probs)) for image_id, split, class_id, probs in predictions],
+            [(run_id, image_id, split, class_id, json.dumps(probs))
+             for image_id, split, class_id, probs in predictions],
         )
         db.execute(
             "UPDATE runs SET status = ?, metrics = ?, finished_at = ?, error = NULL WHERE id = ?",

@@ -16,7 +16,6 @@ The best state over all epochs, by validation macro-F1, is the one returned.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import random
@@ -440,6 +439,7 @@ class _Run:
         validate: Callable[[], torch.Tensor],
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         scaler: torch.amp.GradScaler | None = None,
+        frozen: list[nn.Module] | None = None,
     ) -> _Best:
         """The epoch loop every strategy shares: train, validate, keep the best state, stop early."""
         config = self.config
@@ -457,6 +457,8 @@ class _Run:
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             model.train()
+            for module in frozen or []:
+                module.eval()  # frozen layers keep their batch-norm statistics too
             losses = []
             for inputs, target in batches():
                 self.check_stop()
@@ -541,17 +543,11 @@ class _Run:
         config, device = self.config, self.device
         model = initial if initial is not None else build_classifier(config.backbone, self.k, config.weights_path)
         model = model.to(device).to(memory_format=torch.channels_last)
-        head_params = list(model.get_classifier().parameters())
-        head_ids = {id(p) for p in head_params}
-        if config.strategy == "two_stage":
-            trainable = _last_blocks(model, config.unfreeze_blocks)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in trainable + head_params:
-                p.requires_grad_(True)
-            backbone_params = [p for p in trainable if id(p) not in head_ids]
-        else:
-            backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
+        head_params, backbone_params, frozen = trainable_parts(model, config.strategy, config.unfreeze_blocks)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head_params + backbone_params:
+            p.requires_grad_(True)
         groups = [{"params": head_params, "lr": config.lr}]
         if backbone_params:
             groups.append({"params": backbone_params, "lr": config.backbone_lr})
@@ -580,7 +576,7 @@ class _Run:
 
         autocast, scaler = _mixed_precision(device)
         best = self.fit(model, optimizer, config.epochs, epoch_offset, batches, math.ceil(n / batch_size), validate,
-                        autocast, scaler)
+                        autocast, scaler, frozen)
         for p in model.parameters():
             p.requires_grad_(True)
         return model, best
@@ -645,14 +641,25 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _last_blocks(model: nn.Module, count: int) -> list[nn.Parameter]:
-    """Parameters of the last `count` stages of the backbone and every layer after them."""
-    stages = getattr(model, "blocks", None)
-    if stages is None:
+def trainable_parts(
+    model: nn.Module, strategy: str, unfreeze_blocks: int
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Module]]:
+    """What fine-tuning trains: (the new layer's parameters, the backbone's, the frozen modules).
+
+    `finetune` trains everything; `two_stage` the last `unfreeze_blocks` blocks and the layers after them.
+    """
+    head = model.get_classifier()
+    head_ids = {id(p) for p in head.parameters()}
+    if strategy != "two_stage":
+        return list(head.parameters()), [p for p in model.parameters() if id(p) not in head_ids], []
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
         raise LoupeError("two_stage needs a backbone built of blocks (EfficientNet, MobileNet and the like).")
-    chosen = list(stages)[len(stages) - min(count, len(stages)):]
-    after = [m for name, m in model.named_children() if name in ("conv_head", "bn2")]
-    return [p for m in chosen + after for p in m.parameters()]
+    cut = len(blocks) - min(unfreeze_blocks, len(blocks))
+    frozen = [m for name, m in model.named_children() if name in ("conv_stem", "bn1")] + list(blocks)[:cut]
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids and id(p) not in frozen_ids]
+    return list(head.parameters()), backbone, frozen
 
 
 def _mixed_precision(device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 
+import numpy as np
 from sqlite_utils import Database
 
 from core import jobs
@@ -130,7 +131,7 @@ def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
     )
     split_of = {item.image_id: item.split for item in dataset.items}
     predictions = [
-        (image_id, split_of[image_id], class_ids[max(range(len(probs)), key=probs.__getitem__)], list(probs))
+        (image_id, split_of[image_id], class_ids[int(np.argmax(probs))], list(probs))
         for image_id, probs in result.probabilities.items()
     ]
     jobs.finish_succeeded(db, run_id, result.metrics, predictions)

@@ -55,7 +55,8 @@ def config_form(preset: str) -> TrainConfig:
         columns = st.columns(3)
         for number, field in enumerate(dataclasses.fields(TrainConfig)):
             with columns[number % 3]:
-                values[field.name] = _field_input(field.name, getattr(defaults, field.name), f"config_{preset}_{field.name}")
+                key = f"config_{preset}_{field.name}"
+                values[field.name] = _field_input(field.name, getattr(defaults, field.name), key)
     return TrainConfig.from_dict(values)
 
 
@@ -66,13 +67,15 @@ def class_balance(db, config: TrainConfig) -> None:
         return
     rows = [{"class": name, "train": 0, "val": 0, "test": 0} for name in dataset.classes]
     for item in dataset.items:
-        if item.label is not None and item.split in ("train", "val", "test"):
+        if item.label is not None:
             rows[item.label][item.split] += 1
     weights = class_weights([row["train"] for row in rows], config.class_weighting)
     for row, weight in zip(rows, weights):
         row["class weight"] = round(weight, 3)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption(f"Class weights from the training counts ({config.class_weighting}); rarer classes count more in the loss.")
+    st.caption(
+        f"Class weights from the training counts ({config.class_weighting}): rarer classes count more in the loss."
+    )
 
 
 def start_section(db) -> None:
@@ -167,7 +170,7 @@ def last_run(db, run: dict) -> None:
     curves(db, run["id"])
 
 
-def history(db, runs: list[dict]) -> None:
+def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
     st.subheader("Runs")
     if not runs:
         st.caption("No runs yet.")
@@ -180,7 +183,7 @@ def history(db, runs: list[dict]) -> None:
                 "status": run["status"],
                 "strategy": (run["config"] or {}).get("strategy", ""),
                 "backbone": (run["config"] or {}).get("backbone", ""),
-                "images": run["items"],
+                "images": item_counts.get(run["id"], 0),
                 "val accuracy": (run["metrics"] or {}).get("val_accuracy"),
                 "val macro-F1": (run["metrics"] or {}).get("val_macro_f1"),
                 "time": _duration(jobs.run_seconds(run)),
@@ -208,18 +211,15 @@ def live_section() -> None:
     jobs.reap(state.workspace(), db)
     active = jobs.active_runs(db)
     runs = jobs.list_runs(db)
-    training = [run for run in active if run["status"] in jobs.ACTIVE_STATUSES]
-    if training or active:
-        for run in training or active[:1]:
-            live_run(db, run)
-        if len(active) > 1:
-            st.caption(f"{len(active) - len(training or active[:1])} more run(s) queued.")
-    elif runs:
+    # Training runs, or else the next queued one; the rest are counted.
+    shown = [run for run in active if run["status"] in jobs.ACTIVE_STATUSES] or active[:1]
+    for run in shown:
+        live_run(db, run)
+    if waiting := len(active) - len(shown):
+        st.caption(f"{waiting} more run(s) queued.")
+    if not active and runs:
         last_run(db, runs[0])
-    item_counts = jobs.run_item_counts(db)
-    for run in runs:
-        run["items"] = item_counts.get(run["id"], 0)
-    history(db, runs)
+    history(db, runs, jobs.run_item_counts(db))
 
 
 st.title("Train")

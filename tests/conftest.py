@@ -53,12 +53,14 @@ def add_labelled_images(ws, db, per_class: dict[str, dict[str, int]], unlabelled
         ingest.ingest_bytes(ws, db, image_bytes((128, 128, (7 * i) % 256), (32, 32)), f"unlabelled-{i}.png")
 
 
+# Two classes, each with 4 train, 2 val and 1 test image: the smallest set every training check accepts.
+TWO_CLASSES = {"red": {"train": 4, "val": 2, "test": 1}, "blue": {"train": 4, "val": 2, "test": 1}}
+
+
 @pytest.fixture
 def labelled_workspace(workspace, db):
-    """Two classes (4 train, 2 val, 1 test each) and 2 unlabelled images; stops any worker left running."""
-    add_labelled_images(
-        workspace, db, {"red": {"train": 4, "val": 2, "test": 1}, "blue": {"train": 4, "val": 2, "test": 1}}, 2
-    )
+    """TWO_CLASSES and 2 unlabelled images; stops any worker left running."""
+    add_labelled_images(workspace, db, TWO_CLASSES, unlabelled=2)
     yield workspace
     stop_workers(workspace)
 

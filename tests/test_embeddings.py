@@ -2,10 +2,18 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
-from core.backbones import get_spec
-from core.embeddings import EmbeddingCache, cache_key, embed_images
+from core.backbones import create_backbone, get_spec
+from core.embeddings import (
+    ONNX_MIN_IMAGES,
+    EmbeddingCache,
+    cache_key,
+    embed_images,
+    extract_features,
+    feature_extractor,
+)
 from core.ingest import ingest_bytes
 from core.training import dataset_from_catalog
 
@@ -65,3 +73,13 @@ def test_without_a_cache_nothing_is_stored(db, items):
     features = embed_images(None, "efficientnet_lite0", items[:2])
     assert features.shape == (2, 1280)
     assert EmbeddingCache(db).count(cache_key("efficientnet_lite0")) == 0
+
+
+def test_onnx_path_gives_the_eager_features():
+    model = create_backbone("efficientnet_lite0")
+    batch = torch.rand(2, 3, 224, 224) * 2 - 1
+    fast = feature_extractor(model, 224, ONNX_MIN_IMAGES, torch.device("cpu"))(batch)
+    np.testing.assert_allclose(fast, extract_features(model, batch).numpy(), atol=1e-4)
+    # Below the threshold the model runs eagerly, with the same result.
+    eager = feature_extractor(model, 224, 1, torch.device("cpu"))(batch)
+    np.testing.assert_allclose(eager, fast, atol=1e-4)

@@ -108,3 +108,14 @@ def test_label_page_order_and_suggestion(workspace, db, make_run):
     assert hard.suggested_label(db, unseen) is None
     catalog.set_label(db, sure, "blue", "me")
     assert sure not in hard.unsure_first_image_ids(db)
+
+
+def test_next_unsure_image_walks_the_order(workspace, db, make_run):
+    add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
+    a, b, c = (ingest.ingest_bytes(workspace, db, image_bytes((7, n, 7), (32, 32)), f"n{n}.png").image_id for n in range(3))
+    make_run({a: [0.9, 0.1], b: [0.5, 0.5], c: [0.6, 0.4]})
+    assert hard.next_unsure_image_id(db) == b
+    assert hard.next_unsure_image_id(db, b) == c
+    assert hard.next_unsure_image_id(db, a) == b  # wraps around
+    catalog.set_label(db, b, "red", "me")
+    assert hard.next_unsure_image_id(db, b) == c  # the one just labelled left the order

@@ -1,22 +1,20 @@
 import time
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
 from core.jobs import RunStatus
-from core.workspace import WORKSPACE_ENV, connect
-from tests.conftest import add_labelled_images
-
-PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "train.py")
+from tests.conftest import APP, add_labelled_images
 
 
 @pytest.fixture
-def page(monkeypatch):
-    def open_page(ws) -> AppTest:
-        monkeypatch.setenv(WORKSPACE_ENV, str(ws.root))
-        return AppTest.from_file(PAGE, default_timeout=60).run()
+def open_train_page(app_workspace):
+    """A fresh browser session on the Train page (a reload or another tab looks the same)."""
+
+    def open_page() -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        return at.switch_page("../pages/train.py").run()
 
     return open_page
 
@@ -25,8 +23,8 @@ def history_table(at: AppTest):
     return next(frame.value for frame in at.dataframe if "status" in frame.value.columns)
 
 
-def test_train_page_starts_a_run_with_the_chosen_settings_and_lists_it(labelled_workspace, page):
-    at = page(labelled_workspace)
+def test_train_page_starts_a_run_with_the_chosen_settings_and_lists_it(labelled_workspace, db, open_train_page):
+    at = open_train_page()
     assert not at.exception
     balance = at.dataframe[0].value
     assert list(balance["class"]) == ["red", "blue"] and list(balance["train"]) == [4, 4]
@@ -38,28 +36,26 @@ def test_train_page_starts_a_run_with_the_chosen_settings_and_lists_it(labelled_
 
     assert not at.exception and not at.error
     assert [toast.value for toast in at.toast] == ["Run #1 queued."]
-    run = jobs.get_run(connect(labelled_workspace), 1)
-    assert run["config"]["epochs"] == 1
+    assert jobs.get_run(db, 1)["config"]["epochs"] == 1
     assert history_table(at)["run"].tolist() == [1]
 
-    db = connect(labelled_workspace)
     deadline = time.monotonic() + 120
     while jobs.get_run(db, 1)["status"] not in jobs.FINISHED_STATUSES:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    # A fresh session (a reload, another tab) sees the same state, all of it from the catalog.
-    at = page(labelled_workspace)
+    # A fresh session sees the same state, all of it from the catalog.
+    at = open_train_page()
     table = history_table(at)
     assert table.loc[0, "status"] == RunStatus.SUCCEEDED, jobs.get_run(db, 1)["error"]
     assert table.loc[0, "current"]
     assert any("succeeded" in message.value for message in at.success)
 
 
-def test_train_page_shows_why_it_refuses_to_train(workspace, db, page):
+def test_train_page_shows_why_it_refuses_to_train(workspace, db, open_train_page):
     add_labelled_images(workspace, db, {"red": {"train": 4, "val": 2}})
-    at = page(workspace)
+    at = open_train_page()
     at.button(key="train").click().run()
 
     assert not at.exception
-    assert at.error and "class" in at.error[0].value.lower()
+    assert at.error and "at least 2 classes" in at.error[0].value
     assert jobs.list_runs(db) == []

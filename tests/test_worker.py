@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import add_labelled_images, stop_workers
+from tests.conftest import TWO_CLASSES, add_labelled_images, stop_workers
 from core import catalog, jobs
 from core.checkpoints import load_run_model, run_checkpoint_path
 from core.jobs import RunStatus
@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
     """A workspace with one run trained by a real worker, and the statuses seen while it ran."""
     ws = open_workspace(tmp_path_factory.mktemp("trained") / "ws")
     db = connect(ws)
-    add_labelled_images(ws, db, {"red": {"train": 4, "val": 2, "test": 1}, "blue": {"train": 4, "val": 2, "test": 1}}, 2)
+    add_labelled_images(ws, db, TWO_CLASSES, unlabelled=2)
     run_id = start(ws, db, QUICK_ONE_EPOCH)
     seen = []
 

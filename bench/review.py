@@ -1,0 +1,230 @@
+"""Review benchmarks: label-noise detection, active learning, Grad-CAM speed.
+
+    python bench/review.py [--workspace DIR] [--datasets ../shared/datasets]
+
+1. Label noise on hymenoptera train: flip 10% of the labels (3 seeds) and count how many of the
+   flipped images the likely-mislabelled queue puts in its top N (N = number flipped); the plain
+   recipe (cross-validated logistic regression on raw embeddings + cleanlab) for comparison.
+2. Active learning on natural8: 1,000 images held out, 4 labels a class to start, 16 more a
+   round for 10 rounds (3 seeds), each labelling order Loupe offers against random picks; the
+   classifier is a logistic regression (scikit-learn's defaults) on standardised embeddings.
+3. Grad-CAM seconds per image on hymenoptera val, through the app's path (a Quick run's model).
+
+Embeddings live in the workspace's cache, so a second run with the same --workspace is fast.
+Prints `name: value` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from core import hard, ingest, jobs
+from core.backbones import DEFAULT_BACKBONE, configure_threads
+from core.checkpoints import load_run_model
+from core.embeddings import EmbeddingCache, embed_images
+from core.explain import explain, prepare_for_cam
+from core.ingest import open_image_rgb
+from core.training import PRESETS
+from core.worker import run_worker
+from core.workspace import Workspace, connect, open_workspace
+
+SEEDS = (0, 1, 2)
+NOISE_FRACTION = 0.10
+AL_HOLDOUT = 1000
+AL_START_PER_CLASS = 4
+AL_STEP = 16
+AL_ROUNDS = 10
+GRADCAM_IMAGES = 50
+
+
+def say(name: str, value: float | int | str) -> None:
+    print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
+
+
+def imported(ws: Workspace, folder: Path) -> list[dict]:
+    """The dataset's images in the workspace (imported once), with label and split."""
+    db = connect(ws)
+    if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
+        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), who="bench")
+    return list(
+        db.query(
+            "SELECT images.id, images.sha256, images.path, classes.name AS label, splits.split FROM images "
+            "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
+            "LEFT JOIN splits ON splits.image_id = images.id ORDER BY images.id"
+        )
+    )
+
+
+def embeddings(ws: Workspace, rows: list[dict]) -> np.ndarray:
+    items = [SimpleNamespace(sha256=r["sha256"], path=ws.root / r["path"]) for r in rows]
+    return embed_images(EmbeddingCache(connect(ws)), DEFAULT_BACKBONE, items)
+
+
+def as_indices(labels: list[str]) -> tuple[np.ndarray, list[str]]:
+    classes = sorted(set(labels))
+    return np.array([classes.index(label) for label in labels]), classes
+
+
+# ---------------------------------------------------------------- 1. label noise
+
+
+def recall_at_n(labels: np.ndarray, probs: np.ndarray, flipped: np.ndarray) -> float:
+    order, _, _ = hard.label_issue_order(labels, probs)
+    return len(set(order[: len(flipped)].tolist()) & set(flipped.tolist())) / len(flipped)
+
+
+def plain_out_of_fold(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return cross_val_predict(
+        LogisticRegression(max_iter=2000), features, labels,
+        cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba",
+    )
+
+
+def label_noise(ws: Workspace, hymenoptera: Path) -> None:
+    rows = [r for r in imported(ws, hymenoptera) if r["split"] == "train"]
+    features = embeddings(ws, rows)
+    labels, classes = as_indices([r["label"] for r in rows])
+    ours, plain = [], []
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        flipped = rng.choice(len(labels), int(round(NOISE_FRACTION * len(labels))), replace=False)
+        noisy = labels.copy()
+        # Each flipped image gets another class, chosen at random.
+        noisy[flipped] = (labels[flipped] + rng.integers(1, len(classes), len(flipped))) % len(classes)
+        ours.append(recall_at_n(noisy, hard.out_of_fold_probs(features, noisy), flipped))
+        plain.append(recall_at_n(noisy, plain_out_of_fold(features, noisy), flipped))
+        say(f"noise_recall_at_n_seed{seed}", ours[-1])
+    say("noise_flipped_per_seed", int(round(NOISE_FRACTION * len(labels))))
+    say("noise_recall_at_n", float(np.mean(ours)))
+    say("noise_recall_at_n_plain_baseline", float(np.mean(plain)))
+
+
+# ---------------------------------------------------------------- 2. active learning
+
+
+def fit_predict(x_train: np.ndarray, y_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
+    probs = []
+    for x in others:
+        p = np.zeros((len(x), int(y_train.max()) + 1))
+        p[:, model.classes_] = model.predict_proba(x)
+        probs.append(p)
+    return probs
+
+
+def learning_curve(features: np.ndarray, labels: np.ndarray, strategy: str, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    held_out, pool = order[:AL_HOLDOUT], order[AL_HOLDOUT:]
+    labelled = np.concatenate(
+        [rng.choice(pool[labels[pool] == c], AL_START_PER_CLASS, replace=False) for c in np.unique(labels)]
+    )
+    accuracies = []
+    for round_number in range(AL_ROUNDS + 1):
+        rest = np.setdiff1d(pool, labelled)
+        evaluation, candidates = fit_predict(features[labelled], labels[labelled], features[held_out], features[rest])
+        accuracies.append(float((evaluation.argmax(axis=1) == labels[held_out]).mean()))
+        if round_number == AL_ROUNDS:
+            break
+        if strategy == "random":
+            picked = rng.choice(rest, AL_STEP, replace=False)
+        else:
+            picked = rest[hard.labelling_order(candidates, strategy, features[rest], AL_STEP, seed=seed)[:AL_STEP]]
+        labelled = np.concatenate([labelled, picked])
+    return accuracies
+
+
+def labels_to_reach(curve: np.ndarray, counts: np.ndarray, target: float) -> float:
+    """Labels where the curve first reaches `target`, interpolated between rounds."""
+    for i, accuracy in enumerate(curve):
+        if accuracy >= target:
+            if i == 0:
+                return float(counts[0])
+            before = curve[i - 1]
+            return float(counts[i - 1] + (target - before) / (accuracy - before) * (counts[i] - counts[i - 1]))
+    return float(counts[-1])
+
+
+def active_learning(ws: Workspace, natural8: Path) -> None:
+    rows = imported(ws, natural8)
+    started = time.perf_counter()
+    features = embeddings(ws, rows)
+    say("al_embedding_seconds", time.perf_counter() - started)
+    labels, classes = as_indices([r["label"] for r in rows])
+    counts = np.array([AL_START_PER_CLASS * len(classes) + AL_STEP * r for r in range(AL_ROUNDS + 1)])
+    curves = {}
+    for strategy in ("random", *hard.LABELLING_STRATEGIES):
+        curves[strategy] = np.mean([learning_curve(features, labels, strategy, seed) for seed in SEEDS], axis=0)
+        for count, accuracy in zip(counts, curves[strategy]):
+            say(f"al_{strategy}_acc_at_{count}", float(accuracy))
+    for strategy, curve in curves.items():
+        say(f"al_{strategy}_final_acc", float(curve[-1]))
+    say("al_uncertainty_final_acc", float(curves["margin"][-1]))
+    target = curves["random"][-1]
+    needed = {s: labels_to_reach(curves[s], counts, target) for s in hard.LABELLING_STRATEGIES}
+    best = min(needed, key=needed.get)
+    for strategy, n in needed.items():
+        say(f"al_{strategy}_labels_to_random_final", n)
+    say("al_best_strategy", best)
+    say("al_label_saving", 1.0 - needed[best] / counts[-1])
+
+
+# ---------------------------------------------------------------- 3. Grad-CAM speed
+
+
+def gradcam_speed(ws: Workspace) -> None:
+    db = connect(ws)
+    run_id = jobs.create_run(ws, db, PRESETS["quick"])
+    if run_worker(ws, run_id) != jobs.RunStatus.SUCCEEDED:
+        raise SystemExit(f"the Quick run failed: {jobs.get_run(db, run_id)['error']}")
+    trained = load_run_model(ws, run_id)
+    prepare_for_cam(trained)
+    val = list(
+        db.query(
+            "SELECT images.path, p.predicted_class_id FROM predictions p JOIN images ON images.id = p.image_id "
+            "WHERE p.run_id = ? AND p.split = 'val' ORDER BY images.id LIMIT ?",
+            [run_id, GRADCAM_IMAGES + 1],
+        )
+    )
+    warm, timed = val[0], val[1:]
+    explain(trained, open_image_rgb(ws.root / warm["path"]), 0)
+    started = time.perf_counter()
+    for row in timed:
+        image = open_image_rgb(ws.root / row["path"])
+        heat = explain(trained, image, 0)
+        assert heat.shape == (image.height, image.width)
+    say("gradcam_images", len(timed))
+    say("gradcam_seconds_per_image", (time.perf_counter() - started) / len(timed))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", help="a folder to keep the workspaces (and their embeddings) in")
+    parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    configure_threads()
+    datasets = Path(args.datasets)
+    root = Path(args.workspace) if args.workspace else Path(tempfile.mkdtemp(prefix="loupe-bench-review-"))
+    hymenoptera_ws = open_workspace(root / "hymenoptera")
+    # Hundreds of small fits: one thread each is faster than sharing cores among OpenMP/BLAS teams.
+    with threadpool_limits(1):
+        label_noise(hymenoptera_ws, datasets / "hymenoptera")
+        active_learning(open_workspace(root / "natural8"), datasets / "natural8")
+    gradcam_speed(hymenoptera_ws)
+
+
+if __name__ == "__main__":
+    main()
