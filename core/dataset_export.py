@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from sqlite_utils import Database
 
+from core.errors import LoupeError
 from core.workspace import Workspace
 
 MANIFEST = "manifest.csv"
@@ -96,7 +97,10 @@ def export_dataset(ws: Workspace, db: Database, out_path: str | Path) -> dict[st
                 for row in rows:
                     name = _member_name(row, taken)
                     # Images are already compressed: store them as they are, byte for byte.
-                    archive.write(ws.root / row["path"], name, compress_type=zipfile.ZIP_STORED)
+                    source = ws.root / row["path"]
+                    if not source.is_file():
+                        raise LoupeError(f"Image #{row['id']}'s file {row['path']} is missing; nothing was exported.")
+                    archive.write(source, name, compress_type=zipfile.ZIP_STORED)
                     manifest.append({**row, "file": name, "excluded": int(row["excluded"])})
                 archive.writestr(MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest), zipfile.ZIP_DEFLATED)
                 history_columns = ["event", "sha256", "original_name", "old_label", "new_label", "who", "at", "reason"]

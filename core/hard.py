@@ -153,14 +153,16 @@ def labelling_order(
     """Unlabelled indices in the order to label them.
 
     `margin` / `entropy`: the least sure first. `diverse`: first one image from each of `batch`
-    clusters of the embeddings (k-means weighted by uncertainty, so clusters gather where the model
-    hesitates), the most uncertain of its cluster; then the rest by margin. Pure uncertainty
+    clusters of the embeddings (k-means weighted by squared uncertainty, so clusters gather where
+    the model hesitates), the most uncertain of its cluster; then the rest by margin. Pure uncertainty
     sampling picks near-identical images at small budgets; covering the space avoids that.
     """
+    if strategy not in LABELLING_STRATEGIES:
+        raise LoupeError(f"Unknown labelling order {strategy!r}: use one of {', '.join(LABELLING_STRATEGIES)}.")
     if strategy in UNCERTAINTY_MEASURES:
         return np.argsort(-uncertainty(probs, strategy), kind="stable")
-    if strategy != "diverse":
-        raise LoupeError(f"Unknown labelling order {strategy!r}: use one of {', '.join(LABELLING_STRATEGIES)}.")
+    if len(probs) == 0:
+        return np.zeros(0, dtype=int)
     if features is None:
         raise LoupeError("The diverse labelling order needs the images' embeddings.")
     first = diverse_batch(probs, features, batch, seed)
@@ -173,7 +175,8 @@ def diverse_batch(probs: np.ndarray, features: np.ndarray, size: int, seed: int 
     """`size` indices spread over the embedding space where the model is least sure."""
     if len(probs) <= size:
         return np.argsort(margin(probs), kind="stable")
-    weight = uncertainty(probs, "margin") + 1e-3
+    # Squared, so clusters crowd where the model hesitates most (measured: better than linear weights).
+    weight = uncertainty(probs, "margin") ** 2 + 1e-3
     x = normalize(features)
     clusters = KMeans(size, n_init=1, random_state=seed).fit_predict(x, sample_weight=weight)
     chosen = []

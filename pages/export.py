@@ -94,16 +94,18 @@ def model_section(ws, db) -> None:
         "Its accuracy and speed against the full model go into the model card.",
     )
     if st.button("Export and verify", type="primary", key="export_model"):
-        try:
-            with st.status(f"Exporting run #{run['id']}", expanded=True) as status:
-                out = ws.root / "exports" / f"loupe-model-run-{run['id']}.zip"
+        st.session_state.pop("export_report", None)
+        with st.status(f"Exporting run #{run['id']}", expanded=True) as status:
+            out = ws.root / "exports" / f"loupe-model-run-{run['id']}.zip"
+            try:
                 st.session_state["export_report"] = export_run(
                     ws, db, out, run_id=run["id"], int8=int8, on_step=status.write
                 )
+            except LoupeError as exc:
+                status.update(label=f"Run #{run['id']} was not exported", state="error", expanded=True)
+                st.error(str(exc))
+            else:
                 status.update(label=f"Run #{run['id']} exported and verified", state="complete", expanded=False)
-        except LoupeError as exc:
-            st.session_state.pop("export_report", None)
-            st.error(str(exc))
     report = st.session_state.get("export_report")
     if report is not None and report.path.is_file():
         show_report(report)
@@ -117,7 +119,10 @@ def dataset_section(ws, db) -> None:
     )
     if st.button("Prepare dataset zip", key="export_dataset"):
         out = ws.root / "exports" / "loupe-dataset.zip"
-        st.session_state["dataset_export"] = (out, export_dataset(ws, db, out))
+        try:
+            st.session_state["dataset_export"] = (out, export_dataset(ws, db, out))
+        except LoupeError as exc:
+            st.error(str(exc))
     if "dataset_export" in st.session_state:
         out, counts = st.session_state["dataset_export"]
         st.write(

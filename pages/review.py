@@ -289,17 +289,19 @@ def decisions(image_id: int, classes: list[str], label: str | None, excluded: bo
         if decision == "comment":
             st.session_state["review_comment"] = ""
 
-    buttons = st.columns(4)
-    buttons[0].button("Confirm label", key="confirm", on_click=record, args=("confirm",), disabled=label is None)
-    buttons[1].button("Ambiguous", key="ambiguous", on_click=record, args=("ambiguous",))
+    buttons = st.columns(2)
+    buttons[0].button("Confirm label", key="confirm", on_click=record, args=("confirm",), disabled=label is None,
+                      width="stretch")
+    buttons[1].button("Ambiguous", key="ambiguous", on_click=record, args=("ambiguous",), width="stretch")
     if excluded:
-        buttons[2].button("Include in training", key="include", on_click=record, args=("include",))
+        buttons[0].button("Include in training", key="include", on_click=record, args=("include",), width="stretch")
     else:
-        buttons[2].button("Exclude from training", key="exclude", on_click=record, args=("exclude",))
+        buttons[0].button("Exclude from training", key="exclude", on_click=record, args=("exclude",), width="stretch")
     queue = st.session_state.get("review_queue") or []
     if image_id in queue and queue.index(image_id) + 1 < len(queue):
-        buttons[3].button("Next in queue", key="next_image", on_click=_open_image, args=(queue[queue.index(image_id) + 1],))
-    relabel_to, relabel = st.columns([3, 1])
+        buttons[1].button("Next in queue", key="next_image", on_click=_open_image,
+                          args=(queue[queue.index(image_id) + 1],), width="stretch")
+    relabel_to, relabel = st.columns([3, 1], vertical_alignment="bottom")
     choices = [c for c in classes if c != label] or classes
     relabel_to.selectbox("Relabel to", choices, key="relabel_class")
     relabel.button("Relabel", key="relabel", on_click=lambda: record("relabel", st.session_state["relabel_class"]))

@@ -2,9 +2,12 @@ import csv
 import io
 import zipfile
 
+import pytest
+
 from core import catalog, ingest
 from core.catalog import now
 from core.dataset_export import LABEL_HISTORY, MANIFEST, export_dataset
+from core.errors import LoupeError
 from core.workspace import connect, open_workspace
 from tests.conftest import add_labelled_images, image_bytes
 
@@ -60,3 +63,11 @@ def test_dataset_zip_round_trips_into_an_empty_workspace(workspace, db, tmp_path
     assert rejected == {MANIFEST, LABEL_HISTORY}
     assert catalog_state(fresh_db) == catalog_state(db)
     fresh_db.close()
+
+
+def test_a_missing_image_file_stops_the_export_and_leaves_nothing(workspace, db, tmp_path):
+    add_labelled_images(workspace, db, {"cat": {"train": 2}})
+    (workspace.root / catalog.get_image(db, 2)["path"]).unlink()
+    with pytest.raises(LoupeError, match="missing"):
+        export_dataset(workspace, db, tmp_path / "out" / "dataset.zip")
+    assert list((tmp_path / "out").iterdir()) == []

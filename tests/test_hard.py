@@ -75,6 +75,7 @@ def test_labelling_orders():
     assert set(y[hard.labelling_order(probs, "margin")[:4]]) == {0}
     with pytest.raises(LoupeError, match="embeddings"):
         hard.labelling_order(probs, "diverse")
+    assert hard.labelling_order(np.zeros((0, 2)), "diverse").tolist() == []  # nothing left to label
 
 
 def test_queues_from_a_run(workspace, db, make_run):
