@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from core import catalog, ingest
+from core import catalog, hard, ingest
 from core.errors import LoupeError
 from dashboard import state
 
@@ -19,6 +19,7 @@ UNLABELLED = "Unlabelled"
 # How focus mode picks the next image to label: name -> function(db, after_id) -> image id or None.
 NEXT_IMAGE_ORDERS = {
     "Catalog order": catalog.next_unlabelled_image_id,
+    "Model is unsure first": hard.next_unsure_image_id,
 }
 
 
@@ -206,10 +207,17 @@ def focus_mode(db, classes: list[str]) -> None:
             f" · labelled by {image['labelled_by'] or 'nobody'}"
         )
         st.markdown(f"Label: **{image['label'] or 'unlabelled'}**")
+        # The current model's guess, pre-selected: accepting it is one key press.
+        suggestion = hard.suggested_label(db, image_id) if image["label"] is None else None
+        if suggestion:
+            st.button(
+                f"Accept the model's suggestion: {suggestion[0]} ({suggestion[1]:.0%})", key="accept_suggestion",
+                shortcut="Enter", type="primary", width="stretch", on_click=run_action, args=(label_focused, suggestion[0]),
+            )
         for number, name in enumerate(classes[:SHORTCUT_CLASSES], start=1):
             st.button(
                 f"{number} · {name}", key=f"assign_{number}", shortcut=str(number), width="stretch",
-                type="primary" if name == image["label"] else "secondary",
+                type="primary" if name == (image["label"] or (suggestion and suggestion[0])) else "secondary",
                 on_click=run_action, args=(label_focused, name),
             )
         if len(classes) > SHORTCUT_CLASSES:
@@ -223,7 +231,7 @@ def focus_mode(db, classes: list[str]) -> None:
                        width="stretch")
         move[1].button("Undo my last label", key="undo", shortcut=UNDO_SHORTCUT, on_click=run_action,
                        args=(undo_label,), width="stretch")
-        st.caption("Keys: 1-9 label, ← → move, N next unlabelled, U undo your last label.")
+        st.caption("Keys: 1-9 label, Enter accepts the suggestion, ← → move, N next unlabelled, U undo your last label.")
         history = catalog.label_history(db, image_id)
         if history:
             st.markdown("History")

@@ -112,3 +112,21 @@ def test_focus_mode_new_class_and_missing_choice(label_page, db):
     at.button(key="assign_other").click().run()
     assert catalog.get_image(db, ids[0])["label"] == "wasps"
     assert at.button(key="assign_3").label == "3 · wasps"
+
+
+def test_focus_mode_unsure_first_order_and_suggestion_accepted_with_one_key(label_page, db, make_run):
+    at, ids = label_page
+    # The current model is sure about the first image (bees) and unsure about the fourth.
+    make_run({ids[0]: [0.1, 0.9], ids[1]: [0.8, 0.2], ids[3]: [0.55, 0.45]})
+    at.radio(key="label_mode").set_value("Focus").run()
+    at.selectbox(key="focus_order").set_value("Model is unsure first").run()
+    accept = at.button(key="accept_suggestion")
+    assert accept.proto.shortcut.lower() == "enter" and "bees (90%)" in accept.label
+    assert at.button(key="assign_2").proto.type == "primary"  # bees, pre-selected
+    accept.click().run()
+    assert catalog.get_image(db, ids[0])["label"] == "bees"
+    # Next comes the image the model is least sure about, then the next least sure.
+    assert at.markdown[0].value.startswith(f"**#{ids[3]}**")
+    assert "ants (55%)" in at.button(key="accept_suggestion").label
+    at.button(key="next_unlabelled").click().run()
+    assert at.markdown[0].value.startswith(f"**#{ids[1]}**")
