@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import normalize
 from sqlite_utils import Database
 
+from core.backbones import DEFAULT_BACKBONE, create_backbone
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
 from core.jobs import current_run
@@ -33,8 +35,9 @@ LABELLING_STRATEGIES = ("margin", "entropy", "diverse")
 DEFAULT_LABELLING_STRATEGY = "diverse"
 DIVERSE_BATCH = 16
 NEAR_DUPLICATE_SIMILARITY = 0.95
-# Out-of-fold probabilities for finding label issues: L2-normalised embeddings, a logistic
-# regression, averaged over several shuffles of the folds (measured in bench/review.py).
+# Out-of-fold probabilities for finding label issues: L2-normalised embeddings beside the
+# backbone's ImageNet class probabilities, a logistic regression, averaged over several shuffles
+# of the folds (measured in bench/review.py).
 OUT_OF_FOLD_FOLDS = 5
 OUT_OF_FOLD_REPEATS = 3
 OUT_OF_FOLD_C = 1.0
@@ -84,6 +87,51 @@ def low_margin_correct_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarra
     """Indices predicted rightly, the narrowest wins (smallest margin) first."""
     right = np.flatnonzero(probs.argmax(axis=1) == labels)
     return right[np.argsort(margin(probs[right]), kind="stable")]
+
+
+def imagenet_probabilities(
+    features: np.ndarray, backbone: str = DEFAULT_BACKBONE, weights_path: str | Path | None = None
+) -> np.ndarray | None:
+    """The backbone's own ImageNet classifier applied to its pooled features (1000 probabilities a row).
+
+    None when the backbone has no ImageNet-1k classifier: custom weights, other pretraining, or
+    weights that cannot be loaded here.
+    """
+    head = None if weights_path is not None else _imagenet_head(backbone)
+    if head is None:
+        return None
+    weight, bias = head
+    logits = features.astype(np.float64) @ weight.T + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+@lru_cache(maxsize=4)
+def _imagenet_head(backbone: str) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        model = create_backbone(backbone, imagenet_classifier=True)
+    except LoupeError:
+        return None
+    if model.pretrained_cfg.get("num_classes") != 1000:
+        return None
+    classifier = model.get_classifier()
+    return classifier.weight.detach().double().numpy(), classifier.bias.detach().double().numpy()
+
+
+def label_issue_features(
+    features: np.ndarray, backbone: str = DEFAULT_BACKBONE, weights_path: str | Path | None = None
+) -> np.ndarray:
+    """What the cross-validated model looks at to find label errors: the L2-normalised embedding and,
+    beside it with equal weight, the L2-normalised ImageNet class probabilities when the backbone has them.
+
+    The pretrained classifier sorts images into concepts without ever seeing the (possibly wrong)
+    labels; as features they catch flipped labels the embedding alone misses (measured in
+    bench/review.py: 0.88 to 0.91 recall over 12 noise seeds on hymenoptera).
+    """
+    x = normalize(features)
+    probs = imagenet_probabilities(features, backbone, weights_path)
+    return x if probs is None else np.hstack([x, normalize(probs)])
 
 
 def out_of_fold_probs(
@@ -218,12 +266,18 @@ def uncertain_queue(predictions: RunPredictions, splits: tuple[str, ...] = ("val
     return _queue_frame(data, order, margin(data.probs[order]), "margin")
 
 
-def mislabelled_queue(predictions: RunPredictions, features: np.ndarray) -> pd.DataFrame:
-    """Labelled images of the run (features in the same row order), likeliest label error first."""
+def mislabelled_queue(
+    predictions: RunPredictions,
+    features: np.ndarray,
+    backbone: str = DEFAULT_BACKBONE,
+    weights_path: str | Path | None = None,
+) -> pd.DataFrame:
+    """Labelled images of the run (features: their embeddings by `backbone`, in the same row order),
+    likeliest label error first."""
     data = predictions.labelled()
     if len(features) != len(data.labels):
         raise LoupeError("The embeddings do not line up with the run's labelled images.")
-    probs = out_of_fold_probs(features, data.labels)
+    probs = out_of_fold_probs(label_issue_features(features, backbone, weights_path), data.labels)
     order, quality, flagged = label_issue_order(data.labels, probs)
     frame = _queue_frame(data, order, quality[order], "label_quality")
     # What the cross-validated model thinks, not the run's model: that is why it is suspected.
