@@ -98,7 +98,6 @@ def noise_recalls(
     features: np.ndarray, labels: np.ndarray, classes: list[str], seeds: tuple[int, ...]
 ) -> list[tuple[float, float]]:
     """Per seed: recall at N of Loupe's queue and of the plain recipe, with N = the number flipped."""
-    extended = hard.label_issue_features(features, DEFAULT_BACKBONE)
     recalls = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -107,7 +106,7 @@ def noise_recalls(
         # Each flipped image gets another class, chosen at random.
         noisy[flipped] = (labels[flipped] + rng.integers(1, len(classes), len(flipped))) % len(classes)
         recalls.append((
-            recall_at_n(noisy, hard.out_of_fold_probs(extended, noisy), flipped),
+            recall_at_n(noisy, hard.label_issue_probs(features, noisy, DEFAULT_BACKBONE), flipped),
             recall_at_n(noisy, plain_out_of_fold(features, noisy), flipped),
         ))
     return recalls

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
+from scipy.special import softmax
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -35,9 +36,9 @@ LABELLING_STRATEGIES = ("margin", "entropy", "diverse")
 DEFAULT_LABELLING_STRATEGY = "diverse"
 DIVERSE_BATCH = 16
 NEAR_DUPLICATE_SIMILARITY = 0.95
-# Out-of-fold probabilities for finding label issues: L2-normalised embeddings beside the
-# backbone's ImageNet class probabilities, a logistic regression, averaged over several shuffles
-# of the folds (measured in bench/review.py).
+# Out-of-fold probabilities for finding label issues: L2-normalised embeddings (with the
+# backbone's ImageNet class probabilities beside them where that predicts better), a logistic
+# regression, averaged over several shuffles of the folds (measured in bench/review.py).
 OUT_OF_FOLD_FOLDS = 5
 OUT_OF_FOLD_REPEATS = 3
 OUT_OF_FOLD_C = 1.0
@@ -101,10 +102,7 @@ def imagenet_probabilities(
     if head is None:
         return None
     weight, bias = head
-    logits = features.astype(np.float64) @ weight.T + bias
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
+    return softmax(features.astype(np.float64) @ weight.T + bias, axis=1)
 
 
 @lru_cache(maxsize=4)
@@ -119,19 +117,28 @@ def _imagenet_head(backbone: str) -> tuple[np.ndarray, np.ndarray] | None:
     return classifier.weight.detach().double().numpy(), classifier.bias.detach().double().numpy()
 
 
-def label_issue_features(
-    features: np.ndarray, backbone: str = DEFAULT_BACKBONE, weights_path: str | Path | None = None
+def label_issue_probs(
+    features: np.ndarray,
+    labels: np.ndarray,
+    backbone: str = DEFAULT_BACKBONE,
+    weights_path: str | Path | None = None,
 ) -> np.ndarray:
-    """What the cross-validated model looks at to find label errors: the L2-normalised embedding and,
-    beside it with equal weight, the L2-normalised ImageNet class probabilities when the backbone has them.
+    """Out-of-fold probabilities for finding label errors, from the better of two views of each image.
 
-    The pretrained classifier sorts images into concepts without ever seeing the (possibly wrong)
-    labels; as features they catch flipped labels the embedding alone misses (measured in
-    bench/review.py: 0.88 to 0.91 recall over 12 noise seeds on hymenoptera).
+    One view is the L2-normalised embedding; the other puts the backbone's ImageNet class
+    probabilities (L2-normalised) beside it. The pretrained classifier sorts images into concepts
+    without seeing the possibly wrong labels, which catches flips the embedding misses when the
+    classes are ImageNet-like concepts, and only adds noise when they are not. So both are
+    cross-validated and the one that predicts the held-out labels better (lower mean cross-entropy)
+    wins. Measured in bench/review.py on 20 noise seeds: hymenoptera recall 0.87 -> 0.91; on
+    natural8 subsets the embedding alone is mostly kept and recall is unchanged.
     """
     x = normalize(features)
-    probs = imagenet_probabilities(features, backbone, weights_path)
-    return x if probs is None else np.hstack([x, normalize(probs)])
+    candidates = [out_of_fold_probs(x, labels)]
+    imagenet = imagenet_probabilities(features, backbone, weights_path)
+    if imagenet is not None:
+        candidates.append(out_of_fold_probs(np.hstack([x, normalize(imagenet)]), labels))
+    return min(candidates, key=lambda probs: float(loss(probs, labels).mean()))
 
 
 def out_of_fold_probs(
@@ -277,7 +284,7 @@ def mislabelled_queue(
     data = predictions.labelled()
     if len(features) != len(data.labels):
         raise LoupeError("The embeddings do not line up with the run's labelled images.")
-    probs = out_of_fold_probs(label_issue_features(features, backbone, weights_path), data.labels)
+    probs = label_issue_probs(features, data.labels, backbone, weights_path)
     order, quality, flagged = label_issue_order(data.labels, probs)
     frame = _queue_frame(data, order, quality[order], "label_quality")
     # What the cross-validated model thinks, not the run's model: that is why it is suspected.

@@ -18,7 +18,7 @@ from core.ingest import open_image_rgb
 from core.metrics import (
     EVALUATION_SPLITS, RunPredictions, compare_runs, confusion_cell_images, load_run_predictions, split_metrics,
 )
-from core.training import PRESETS
+from core.training import PRESETS, TrainConfig
 from core.workspace import Workspace
 from dashboard import state
 
@@ -70,8 +70,10 @@ def _predictions(root: str, run_id: int) -> RunPredictions:
 def _mislabelled(root: str, run_id: int) -> pd.DataFrame:
     ws, db = Workspace(Path(root)), state.db()
     predictions = _predictions(root, run_id)
-    features = hard.run_embeddings(ws, db, jobs.get_run(db, run_id), predictions.labelled().image_ids)
-    return hard.mislabelled_queue(predictions.labelled(), features)
+    run = jobs.get_run(db, run_id)
+    features = hard.run_embeddings(ws, db, run, predictions.labelled().image_ids)
+    config = TrainConfig.from_dict(run["config"] or {})
+    return hard.mislabelled_queue(predictions.labelled(), features, config.backbone, config.weights_path)
 
 
 @st.cache_data(max_entries=8, show_spinner="Comparing embeddings…")

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 TIMEOUT_MS = 30_000
-# A run boots a worker that imports torch and embeds every image: slower than a page change.
+# Loading a model (a run's worker, the Grad-CAM map, the ONNX export) takes longer than a page change.
 RUN_TIMEOUT_MS = 90_000
 BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "model_card.md", "predict.py"}
 
@@ -214,7 +214,7 @@ def step_review_relabel_and_retrain(session: Session, tmp_path: Path) -> None:
     page.get_by_role("heading", name=re.compile(rf"^Image #{image_id} · ")).wait_for(timeout=TIMEOUT_MS)
     # The overlay is drawn once the heat map is computed in the server; its caption names the class explained.
     caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^Grad-CAM for (meadow|sky)$"))
-    caption.wait_for(timeout=TIMEOUT_MS)
+    caption.wait_for(timeout=RUN_TIMEOUT_MS)
     session.wait_idle()
     overlay = page.get_by_test_id("stImage").filter(has=caption).locator("img")
     # The browser fetches the picture from the media endpoint after the element is drawn.

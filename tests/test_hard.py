@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sklearn.preprocessing import normalize
 
 from core import catalog, hard, ingest
 from core.errors import LoupeError
@@ -40,6 +41,28 @@ def test_a_flipped_label_ranks_at_the_top():
     assert set(order[:2]) == set(flipped)
     assert flagged[flipped].all()
     assert sorted(order.tolist()) == list(range(len(y)))  # every image, once
+
+
+def test_imagenet_probabilities_from_the_backbone_head():
+    probs = hard.imagenet_probabilities(np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32))
+    assert probs.shape == (3, 1000)
+    assert probs.sum(axis=1) == pytest.approx(np.ones(3))
+    assert hard.imagenet_probabilities(np.zeros((3, 1280)), weights_path="custom.pt") is None  # no known head
+
+
+def test_label_issue_probs_keeps_the_view_that_predicts_better(monkeypatch):
+    x, y = blobs(per_class=30, classes=2, dim=16)
+    noisy = y.copy()
+    noisy[[3, 40]] = 1 - noisy[[3, 40]]
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=(len(y), 16))
+    telling = np.eye(1000)[y * 7] + 0.01  # concepts that follow the true classes
+    monkeypatch.setattr(hard, "imagenet_probabilities", lambda features, *args: telling)
+    probs = hard.label_issue_probs(noise, noisy)
+    assert np.allclose(probs, hard.out_of_fold_probs(np.hstack([normalize(noise), normalize(telling)]), noisy))
+    assert set(hard.label_issue_order(noisy, probs)[0][:2]) == {3, 40}
+    monkeypatch.setattr(hard, "imagenet_probabilities", lambda features, *args: rng.dirichlet(np.ones(1000), len(y)))
+    assert np.allclose(hard.label_issue_probs(x, noisy), hard.out_of_fold_probs(x, noisy))
 
 
 def test_out_of_fold_needs_two_images_per_class():
