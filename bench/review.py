@@ -32,12 +32,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core import hard, ingest, jobs
-from core.backbones import DEFAULT_BACKBONE, configure_threads
+from core.backbones import DEFAULT_BACKBONE, configure_threads, get_spec
 from core.checkpoints import load_run_model
 from core.embeddings import EmbeddingCache, embed_images
 from core.explain import explain, prepare_for_cam
 from core.ingest import open_image_rgb
-from core.training import PRESETS
+from core.training import PRESETS, choose_image_size, dataset_from_catalog
 from core.worker import run_worker
 from core.workspace import Workspace, connect, open_workspace
 
@@ -70,8 +70,12 @@ def imported(ws: Workspace, folder: Path) -> list[dict]:
 
 
 def embeddings(ws: Workspace, rows: list[dict]) -> np.ndarray:
+    """Features at the size a Quick run on this workspace would choose, as the app's queues use."""
+    db = connect(ws)
+    size = choose_image_size(PRESETS["quick"], dataset_from_catalog(ws, db))
     items = [SimpleNamespace(sha256=r["sha256"], path=ws.root / r["path"]) for r in rows]
-    return embed_images(EmbeddingCache(connect(ws)), DEFAULT_BACKBONE, items)
+    pre = get_spec(DEFAULT_BACKBONE).preprocessing_for(size)
+    return embed_images(EmbeddingCache(db), DEFAULT_BACKBONE, items, preprocessing=pre)
 
 
 def as_indices(labels: list[str]) -> tuple[np.ndarray, list[str]]:

@@ -204,8 +204,8 @@ def natural8(datasets: Path, workdir: Path) -> None:
     db = connect(ws)
     wanted = [path for paths in files.values() for path in paths]
     outcomes = ingest_items(ws, db, [ImportItem(p.name, p.read_bytes) for p in wanted])
-    rows = {row["id"]: row for row in db.query("SELECT id, sha256, path FROM images")}
-    ids = {path: (o.image_id, rows[o.image_id]["sha256"], ws.root / rows[o.image_id]["path"])
+    rows = {row["id"]: row for row in db.query("SELECT id, sha256, path, MIN(width, height) AS short_side FROM images")}
+    ids = {path: (o.image_id, rows[o.image_id]["sha256"], ws.root / rows[o.image_id]["path"], rows[o.image_id]["short_side"])
            for path, o in zip(wanted, outcomes)}
 
     def draw(seed: int) -> TrainDataset:
@@ -221,8 +221,7 @@ def natural8(datasets: Path, workdir: Path) -> None:
             test_part = paths[NATURAL8_TRAIN_PER_CLASS + NATURAL8_VAL_PER_CLASS :]
             for split, part in (("train", train_part), ("val", val_part), ("test", test_part)):
                 for path in part:
-                    image_id, sha256, stored = ids[path]
-                    items.append(TrainItem(image_id, sha256, stored, label, split))
+                    items.append(TrainItem(*ids[path][:3], label, split, ids[path][3]))
         return TrainDataset(classes, items)
 
     line("natural8_rare_class", RARE_CLASS)

@@ -17,7 +17,7 @@ import torch
 from sqlite_utils import Database
 from torch import nn
 
-from core.backbones import configure_threads, create_backbone, get_spec
+from core.backbones import Preprocessing, configure_threads, create_backbone, get_spec
 from core.ingest import open_image_rgb
 
 EMBED_BATCH_SIZE = 32
@@ -31,9 +31,12 @@ class EmbeddableItem(Protocol):
     path: Path
 
 
-def cache_key(backbone_name: str, weights_path: str | Path | None = None) -> str:
-    """What the `embeddings.backbone` column holds: the backbone, its weights and its preprocessing."""
-    key = f"{backbone_name}|{get_spec(backbone_name).preprocessing.key()}"
+def cache_key(
+    backbone_name: str, weights_path: str | Path | None = None, preprocessing: Preprocessing | None = None
+) -> str:
+    """What the `embeddings.backbone` column holds: the backbone, its weights and its preprocessing
+    (the backbone's own unless given)."""
+    key = f"{backbone_name}|{(preprocessing or get_spec(backbone_name).preprocessing).key()}"
     if weights_path is not None:
         path = Path(weights_path)
         stat = path.stat()
@@ -105,20 +108,24 @@ def embed_images(
     progress: Callable[[int, int], None] | None = None,
     weights_path: str | Path | None = None,
     device: torch.device | str = "cpu",
+    preprocessing: Preprocessing | None = None,
 ) -> np.ndarray:
     """One feature vector per item (rows in item order), computing only those not in the cache.
+
+    Images go through `preprocessing`, the backbone's own unless given.
 
     `progress(done, total)` is called after each computed batch, once it is cached; an
     exception it raises stops the work and keeps what was already computed.
     """
-    key = cache_key(backbone_name, weights_path)
+    pre = preprocessing or get_spec(backbone_name).preprocessing
+    key = cache_key(backbone_name, weights_path, pre)
     known = cache.get_many(key, [item.sha256 for item in items]) if cache else {}
     missing: dict[str, Path] = {}
     for item in items:
         if item.sha256 not in known:
             missing.setdefault(item.sha256, Path(item.path))
     if missing:
-        known.update(_compute(cache, key, backbone_name, weights_path, missing, progress, torch.device(device)))
+        known.update(_compute(cache, key, backbone_name, weights_path, pre, missing, progress, torch.device(device)))
     if not items:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack([known[item.sha256] for item in items])
@@ -163,12 +170,12 @@ def _compute(
     key: str,
     backbone_name: str,
     weights_path: str | Path | None,
+    pre: Preprocessing,
     missing: dict[str, Path],
     progress: Callable[[int, int], None] | None,
     device: torch.device,
 ) -> dict[str, np.ndarray]:
     configure_threads()
-    pre = get_spec(backbone_name).preprocessing
     run = feature_extractor(create_backbone(backbone_name, weights_path), pre.input_size, len(missing), device)
     sha256s, paths = list(missing), list(missing.values())
     computed: dict[str, np.ndarray] = {}

@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import normalize
 from sqlite_utils import Database
 
-from core.backbones import DEFAULT_BACKBONE, create_backbone
+from core.backbones import DEFAULT_BACKBONE, create_backbone, get_spec
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
 from core.jobs import current_run
@@ -362,11 +362,12 @@ def run_embeddings(
             rows[row["id"]] = row
     items = [_EmbeddingItem(rows[i]["sha256"], ws.root / rows[i]["path"]) for i in ids]
     cache = EmbeddingCache(db)
+    pre = get_spec(config.backbone).preprocessing_for(config.image_size)
     if not compute_missing:
         wanted = {item.sha256 for item in items}
-        if len(cache.get_many(cache_key(config.backbone, config.weights_path), list(wanted))) < len(wanted):
+        if len(cache.get_many(cache_key(config.backbone, config.weights_path, pre), list(wanted))) < len(wanted):
             return None
-    return embed_images(cache, config.backbone, items, weights_path=config.weights_path)
+    return embed_images(cache, config.backbone, items, weights_path=config.weights_path, preprocessing=pre)
 
 
 # ---------------------------------------------------------------- the Label page's order and suggestion

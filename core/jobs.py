@@ -167,7 +167,7 @@ def run_dataset(ws: Workspace, db: Database, run_id: int) -> tuple[TrainDataset,
     snapshot = list(
         db.query(
             "SELECT run_items.image_id, run_items.class_id, run_items.split, images.sha256, images.path, "
-            "classes.name AS class_name FROM run_items JOIN images ON images.id = run_items.image_id "
+            "MIN(images.width, images.height) AS short_side, classes.name AS class_name FROM run_items JOIN images ON images.id = run_items.image_id "
             "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY run_items.image_id",
             [run_id],
         )
@@ -178,16 +178,19 @@ def run_dataset(ws: Workspace, db: Database, run_id: int) -> tuple[TrainDataset,
     class_ids = list(classes_by_id)
     index = {class_id: k for k, class_id in enumerate(class_ids)}
     items = [
-        TrainItem(r["image_id"], r["sha256"], ws.root / r["path"], index[r["class_id"]], r["split"]) for r in snapshot
+        TrainItem(r["image_id"], r["sha256"], ws.root / r["path"], index[r["class_id"]], r["split"], r["short_side"])
+        for r in snapshot
     ]
     unlabelled = db.query(
-        "SELECT images.id, images.sha256, images.path FROM images "
+        "SELECT images.id, images.sha256, images.path, MIN(images.width, images.height) AS short_side FROM images "
         "LEFT JOIN labels ON labels.image_id = images.id "
         "WHERE labels.image_id IS NULL AND images.excluded = 0 "
         "AND images.id NOT IN (SELECT image_id FROM run_items WHERE run_id = ?) ORDER BY images.id",
         [run_id],
     )
-    items += [TrainItem(r["id"], r["sha256"], ws.root / r["path"], None, UNLABELLED_SPLIT) for r in unlabelled]
+    items += [
+        TrainItem(r["id"], r["sha256"], ws.root / r["path"], None, UNLABELLED_SPLIT, r["short_side"]) for r in unlabelled
+    ]
     return TrainDataset(list(classes_by_id.values()), items), class_ids
 
 
@@ -313,8 +316,10 @@ def finish_succeeded(
     run_id: int,
     metrics: dict,
     predictions: list[tuple[int, str, int, list[float]]],
+    config: dict,
 ) -> None:
-    """Store the predictions `(image_id, split, predicted_class_id, probs)` and metrics, and promote the run."""
+    """Store the predictions `(image_id, split, predicted_class_id, probs)`, the metrics and the config
+    as run (choices made during training filled in), and promote the run."""
     with write_transaction(db):
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db.conn.executemany(
@@ -323,8 +328,8 @@ def finish_succeeded(
              for image_id, split, class_id, probs in predictions],
         )
         db.execute(
-            "UPDATE runs SET status = ?, metrics = ?, finished_at = ?, error = NULL WHERE id = ?",
-            [str(RunStatus.SUCCEEDED), json.dumps(metrics), now(), run_id],
+            "UPDATE runs SET status = ?, metrics = ?, config = ?, finished_at = ?, error = NULL WHERE id = ?",
+            [str(RunStatus.SUCCEEDED), json.dumps(metrics), json.dumps(config), now(), run_id],
         )
         promote(db, run_id)
 

@@ -127,14 +127,14 @@ def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
     save_checkpoint(
         run_checkpoint_path(ws, run_id),
         result.model,
-        extra={"run_id": run_id, "config": config.to_dict(), "best_epoch": result.best_epoch},
+        extra={"run_id": run_id, "config": result.config.to_dict(), "best_epoch": result.best_epoch},
     )
     split_of = {item.image_id: item.split for item in dataset.items}
     predictions = [
         (image_id, split_of[image_id], class_ids[int(np.argmax(probs))], list(probs))
         for image_id, probs in result.probabilities.items()
     ]
-    jobs.finish_succeeded(db, run_id, result.metrics, predictions)
+    jobs.finish_succeeded(db, run_id, result.metrics, predictions, result.config.to_dict())
 
 
 def _error_text(exc: BaseException) -> str:

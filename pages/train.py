@@ -18,7 +18,8 @@ from dashboard import state
 
 PRESET_HELP = {
     "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
-    "thorough": "Thorough: fine-tunes the whole network; minutes, usually a little more accurate.",
+    "thorough": "Thorough: Quick's layer, then the network's later stages fine-tuned on augmented images, kept "
+                "where that does better; minutes on a laptop, sometimes a little more accurate.",
 }
 CHOICES = {
     "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "class_weighting": CLASS_WEIGHTINGS,

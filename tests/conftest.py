@@ -139,7 +139,7 @@ def make_run(workspace, db):
             (image_id, splits.get(image_id, "unlabelled"), classes[int(np.argmax(p))]["id"], list(p))
             for image_id, p in chosen.items()
         ]
-        jobs.finish_succeeded(db, run_id, {}, predictions)
+        jobs.finish_succeeded(db, run_id, {}, predictions, jobs.get_run(db, run_id)["config"])
         if not current and previous:
             jobs.promote(db, previous["id"])
         elif not current:

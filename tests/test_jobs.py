@@ -157,11 +157,13 @@ def test_finish_succeeded_stores_predictions_and_metrics_and_makes_the_run_curre
     run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
     jobs.claim_run(db, run_id, 1001)
     red = catalog.require_class(db, "red")["id"]
-    jobs.finish_succeeded(db, run_id, {"val_accuracy": 0.5}, [(1, "val", red, [0.9, 0.1])])
+    as_run = {**PRESETS["quick"].to_dict(), "image_size": 288}
+    jobs.finish_succeeded(db, run_id, {"val_accuracy": 0.5}, [(1, "val", red, [0.9, 0.1])], as_run)
 
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.SUCCEEDED and run["is_current"] == 1
     assert run["metrics"] == {"val_accuracy": 0.5}
+    assert run["config"] == as_run
     row = next(db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id]))
     assert (row["image_id"], row["split"], row["predicted_class_id"], json.loads(row["probs"])) == (
         1, "val", red, [0.9, 0.1]

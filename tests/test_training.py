@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from core import catalog
+from core.backbones import get_spec
 from core.checkpoints import build_classifier
 from core.embeddings import EmbeddingCache, cache_key
 from core.ingest import ingest_bytes, open_image_rgb
@@ -16,6 +17,7 @@ from core.training import (
     TrainingCancelled,
     TrainItem,
     check_trainable,
+    choose_image_size,
     class_weights,
     dataset_from_catalog,
     loss_function,
@@ -76,7 +78,7 @@ def test_config_round_trips_and_rejects_unknown_or_bad_settings():
         TrainConfig.from_dict({"strategy": "magic"})
     with pytest.raises(LoupeError, match="epochs"):
         TrainConfig.from_dict({"epochs": 0})
-    assert PRESETS["quick"].strategy == "head" and PRESETS["thorough"].strategy == "finetune"
+    assert PRESETS["quick"].strategy == "head" and PRESETS["thorough"].strategy == "two_stage"
 
 
 def test_dataset_from_catalog_leaves_out_excluded_and_archived(trainable):
@@ -97,6 +99,26 @@ def test_dataset_from_catalog_leaves_out_excluded_and_archived(trainable):
 
 def item(i: int, label: int | None, split: str) -> TrainItem:
     return TrainItem(i, f"{i:064x}", f"/nowhere/{i}.png", label, split)
+
+
+def test_image_size_follows_the_photos_unless_set():
+    spec = get_spec("efficientnet_lite0")
+    base, detail = spec.preprocessing.input_size, spec.detail_size
+
+    def dataset(*sides):
+        return TrainDataset(["a"], [TrainItem(i, f"{i:064x}", "/nowhere", 0, "train", side) for i, side in enumerate(sides)])
+
+    assert choose_image_size(TrainConfig(), dataset(400, 500, 30)) == detail
+    assert choose_image_size(TrainConfig(), dataset(30, 30, 500)) == base
+    assert choose_image_size(TrainConfig(), dataset(None, None)) == base
+    assert choose_image_size(TrainConfig(image_size=160), dataset(400, 500)) == 160
+    with pytest.raises(LoupeError, match="image_size"):
+        TrainConfig(image_size=8).validate()
+    # A larger input crops the same part of the photo, and its features are cached apart.
+    larger = spec.preprocessing_for(detail)
+    assert larger.input_size / larger.resize_size == pytest.approx(base / spec.preprocessing.resize_size, abs=0.01)
+    assert cache_key("efficientnet_lite0", None, larger) != cache_key("efficientnet_lite0")
+    assert spec.preprocessing_for(0) == spec.preprocessing
 
 
 def test_check_trainable_names_the_problem_and_the_fix():
@@ -184,8 +206,8 @@ def test_fine_tuning_is_deterministic_with_a_seed(trainable):
     ws, db = trainable
     dataset = dataset_from_catalog(ws, db)
     config = TrainConfig.from_dict(
-        {**PRESETS["thorough"].to_dict(), "epochs": 1, "head_epochs": 0, "batch_size": 4, "augmentation": "strong",
-         "device": "cpu"}
+        {**PRESETS["thorough"].to_dict(), "strategy": "finetune", "epochs": 1, "head_epochs": 0, "batch_size": 4,
+         "augmentation": "strong", "device": "cpu"}
     )
     first, second = (train(config, dataset, Recorder()) for _ in range(2))
     assert first.probabilities == second.probabilities

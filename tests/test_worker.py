@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import TWO_CLASSES, add_labelled_images, stop_workers
 from core import catalog, jobs
+from core.backbones import get_spec
 from core.checkpoints import load_run_model, run_checkpoint_path
 from core.jobs import RunStatus
 from core.training import PRESETS
@@ -74,6 +75,8 @@ def test_a_run_goes_from_queued_through_running_to_succeeded(trained):
     assert run["started_at"] and run["finished_at"] and run["heartbeat_at"]
     assert 0.0 <= run["metrics"]["val_accuracy"] <= 1.0
     assert 0.0 <= run["metrics"]["val_macro_f1"] <= 1.0
+    # The stored config says what the run chose: these small images stay at the backbone's own size.
+    assert run["config"]["image_size"] == get_spec(run["config"]["backbone"]).preprocessing.input_size
     wait_for(lambda: not jobs.worker_alive(run["pid"]), timeout=10)
 
 
