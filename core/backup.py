@@ -8,7 +8,6 @@ content-addressed and never rewritten, and a run folder is taken once its run ha
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import tempfile
 import zipfile
@@ -16,7 +15,7 @@ from contextlib import closing
 from pathlib import Path, PurePosixPath
 
 from core.errors import LoupeError
-from core.workspace import BUSY_TIMEOUT_MS, Workspace, open_workspace
+from core.workspace import BUSY_TIMEOUT_MS, Workspace, atomic_file, open_workspace
 
 CATALOG_MEMBER = "catalog.db"
 FILE_FOLDERS = ("images", "thumbs", "runs")
@@ -55,7 +54,6 @@ def _snapshot_files(snapshot: Path, ws: Workspace) -> list[str]:
 def backup_workspace(ws: Workspace, out_path: str | Path) -> dict[str, int]:
     """Write a backup zip atomically; returns what it holds (files, images, runs, bytes)."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if not ws.catalog_path.is_file():
         raise LoupeError(f"{ws.root} has no catalog to back up.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,19 +69,10 @@ def backup_workspace(ws: Workspace, out_path: str | Path) -> dict[str, int]:
         with closing(sqlite3.connect(snapshot)) as db:
             images = db.execute("SELECT count(*) FROM images").fetchone()[0]
             runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
-        fd, tmp_zip = tempfile.mkstemp(dir=out_path.parent, prefix=".tmp-", suffix=".zip")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                with zipfile.ZipFile(f, "w") as archive:
-                    archive.write(snapshot, CATALOG_MEMBER, compress_type=zipfile.ZIP_DEFLATED)
-                    for rel in files:
-                        archive.write(ws.root / rel, rel, compress_type=zipfile.ZIP_STORED)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_zip, out_path)
-        except BaseException:
-            Path(tmp_zip).unlink(missing_ok=True)
-            raise
+        with atomic_file(out_path) as f, zipfile.ZipFile(f, "w") as archive:
+            archive.write(snapshot, CATALOG_MEMBER, compress_type=zipfile.ZIP_DEFLATED)
+            for rel in files:
+                archive.write(ws.root / rel, rel, compress_type=zipfile.ZIP_STORED)
     return {"files": len(files), "images": images, "runs": runs, "bytes": out_path.stat().st_size}
 
 

@@ -135,11 +135,15 @@ class BundlePredictor:
         return rows
 
 
-def write_rows(rows: list[dict], out) -> None:
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def report(rows: list[dict], csv_path: str | None = None) -> None:
+    """One line per image on standard output, and every field in a CSV file when asked."""
+    for row in rows:
+        print(f"{row['file']}: {row['class']} ({row['probability']:.4f})")
+    if csv_path and rows:
+        with open(csv_path, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", help="also write the results to this CSV file")
     args = parser.parse_args(argv)
     predictor = BundlePredictor.from_folder(Path(__file__).resolve().parent, int8=args.int8)
-    rows = predictor.predict_files(args.images)
-    for row in rows:
-        print(f"{row['file']}: {row['class']} ({row['probability']:.3f})")
-    if args.csv:
-        with open(args.csv, "w", newline="") as out:
-            write_rows(rows, out)
+    report(predictor.predict_files(args.images), args.csv)
     return 0
 
 

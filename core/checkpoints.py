@@ -6,8 +6,6 @@ so they all see the same network and the same preprocessing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from torch import nn
 
 from core.backbones import Preprocessing, create_backbone, get_spec
 from core.errors import LoupeError
-from core.workspace import Workspace
+from core.workspace import Workspace, atomic_file
 
 CHECKPOINT_NAME = "model.pt"
 
@@ -38,8 +36,7 @@ def build_classifier(backbone: str, num_classes: int, weights_path: str | Path |
 
 
 def save_checkpoint(path: Path, trained: TrainedModel, extra: dict | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, then renamed over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (see `atomic_file`)."""
     payload = {
         "state_dict": trained.model.state_dict(),
         "classes": list(trained.classes),
@@ -47,16 +44,8 @@ def save_checkpoint(path: Path, trained: TrainedModel, extra: dict | None = None
         "preprocessing": trained.preprocessing.to_dict(),
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path) -> TrainedModel:

@@ -109,18 +109,13 @@ def _predict(args: argparse.Namespace) -> int:
     # onnxruntime, numpy and Pillow only: predicting with a bundle never loads PyTorch.
     import zipfile
 
-    from core.bundle_predict import BundlePredictor, write_rows
+    from core.bundle_predict import BundlePredictor, report
 
     try:
         predictor = BundlePredictor.from_zip(args.bundle, int8=args.int8)
-        rows = predictor.predict_files(args.images)
+        report(predictor.predict_files(args.images), args.csv)
     except (OSError, zipfile.BadZipFile) as exc:
         raise LoupeError(str(exc)) from None
-    for row in rows:
-        print(f"{row['file']}: {row['class']} {row['probability']:.4f}")
-    if args.csv:
-        with open(args.csv, "w", newline="") as out:
-            write_rows(rows, out)
     return 0
 
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from sqlite_utils import Database
 
 from core.errors import LoupeError
-from core.workspace import Workspace
+from core.workspace import Workspace, atomic_file
 
 MANIFEST = "manifest.csv"
 LABEL_HISTORY = "label_history.csv"
@@ -85,32 +83,22 @@ def label_history_rows(db: Database) -> list[dict]:
 def export_dataset(ws: Workspace, db: Database, out_path: str | Path) -> dict[str, int]:
     """Write the dataset zip atomically; returns counts (images, labelled, excluded, bytes)."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = _catalog_rows(db)
     history = label_history_rows(db)
     taken: set[str] = {MANIFEST.lower(), LABEL_HISTORY.lower()}
     manifest = []
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=".tmp-", suffix=".zip")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w") as archive:
-                for row in rows:
-                    name = _member_name(row, taken)
-                    # Images are already compressed: store them as they are, byte for byte.
-                    source = ws.root / row["path"]
-                    if not source.is_file():
-                        raise LoupeError(f"Image #{row['id']}'s file {row['path']} is missing; nothing was exported.")
-                    archive.write(source, name, compress_type=zipfile.ZIP_STORED)
-                    manifest.append({**row, "file": name, "excluded": int(row["excluded"])})
-                archive.writestr(MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest), zipfile.ZIP_DEFLATED)
-                history_columns = ["event", "sha256", "original_name", "old_label", "new_label", "who", "at", "reason"]
-                archive.writestr(LABEL_HISTORY, _csv_bytes(history_columns, history), zipfile.ZIP_DEFLATED)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as f, zipfile.ZipFile(f, "w") as archive:
+        for row in rows:
+            name = _member_name(row, taken)
+            # Images are already compressed: store them as they are, byte for byte.
+            source = ws.root / row["path"]
+            if not source.is_file():
+                raise LoupeError(f"Image #{row['id']}'s file {row['path']} is missing; nothing was exported.")
+            archive.write(source, name, compress_type=zipfile.ZIP_STORED)
+            manifest.append({**row, "file": name, "excluded": int(row["excluded"])})
+        archive.writestr(MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest), zipfile.ZIP_DEFLATED)
+        history_columns = ["event", "sha256", "original_name", "old_label", "new_label", "who", "at", "reason"]
+        archive.writestr(LABEL_HISTORY, _csv_bytes(history_columns, history), zipfile.ZIP_DEFLATED)
     return {
         "images": len(rows),
         "labelled": sum(r["label"] is not None for r in rows),

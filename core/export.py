@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -35,7 +34,7 @@ from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
 from core.ingest import open_image_rgb
-from core.workspace import Workspace
+from core.workspace import Workspace, atomic_file
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -179,14 +178,8 @@ def onnx_metadata(trained: TrainedModel, run_id: int, dataset_sha256: str) -> di
 
 
 def _save_onnx_atomically(model: onnx.ModelProto, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(model.SerializeToString())
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -343,19 +336,9 @@ def images_per_second(predictor: bundle_predict.BundlePredictor, batch: np.ndarr
 
 
 def _write_zip_atomically(path: Path, members: dict[str, bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".zip")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
-                for name, data in members.items():
-                    bundle.writestr(name, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, data in members.items():
+            bundle.writestr(name, data)
 
 
 def predict_script() -> bytes:
