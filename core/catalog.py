@@ -423,6 +423,12 @@ def undo_last_label(db: Database, who: str) -> int | None:
     return last["image_id"]
 
 
+def current_run_id(db: Database) -> int | None:
+    """The run whose model is current (see `core.jobs`), if any."""
+    row = next(db.query("SELECT id FROM runs WHERE is_current = 1"), None)
+    return row["id"] if row else None
+
+
 def label_history(db: Database, image_id: int) -> list[dict]:
     return list(
         db.query(

@@ -6,7 +6,6 @@ the end adapt them to a run's stored predictions and the catalog's cached embedd
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,12 +24,11 @@ from sqlite_utils import Database
 from core.backbones import DEFAULT_BACKBONE, create_backbone, get_spec
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
-from core.jobs import current_run
 from core.metrics import NO_LABEL, RunPredictions
 from core.training import TrainConfig
+from core.uncertainty import UNCERTAINTY_MEASURES, margin, uncertainty
 from core.workspace import Workspace
 
-UNCERTAINTY_MEASURES = ("margin", "entropy")
 # Labelling orders the Label page and the benchmark offer; "diverse" is the cold-start one.
 LABELLING_STRATEGIES = ("margin", "entropy", "diverse")
 DEFAULT_LABELLING_STRATEGY = "diverse"
@@ -46,28 +44,6 @@ _SIMILARITY_BLOCK = 1024
 
 
 # ---------------------------------------------------------------- scores
-
-
-def margin(probs: np.ndarray) -> np.ndarray:
-    """Top-1 minus top-2 probability: small means the model hesitates between two classes."""
-    if probs.shape[1] < 2:
-        return np.ones(len(probs))
-    top2 = np.sort(probs, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
-def entropy(probs: np.ndarray) -> np.ndarray:
-    clipped = np.clip(probs, 1e-12, 1.0)
-    return -(clipped * np.log(clipped)).sum(axis=1)
-
-
-def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
-    """Higher means less sure, whichever measure."""
-    if measure == "margin":
-        return 1.0 - margin(probs)
-    if measure == "entropy":
-        return entropy(probs)
-    raise LoupeError(f"Unknown uncertainty measure {measure!r}: use one of {', '.join(UNCERTAINTY_MEASURES)}.")
 
 
 def loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -368,57 +344,3 @@ def run_embeddings(
         if len(cache.get_many(cache_key(config.backbone, config.weights_path, pre), list(wanted))) < len(wanted):
             return None
     return embed_images(cache, config.backbone, items, weights_path=config.weights_path, preprocessing=pre)
-
-
-# ---------------------------------------------------------------- the Label page's order and suggestion
-
-
-def unsure_first_image_ids(db: Database, measure: str = "margin") -> list[int]:
-    """Images unlabelled now, the current model's least sure first, then those it has not seen, by id."""
-    rows = list(
-        db.query(
-            "SELECT images.id, p.probs FROM images LEFT JOIN labels ON labels.image_id = images.id "
-            "LEFT JOIN predictions p ON p.image_id = images.id AND p.run_id = ? "
-            "WHERE labels.image_id IS NULL AND images.excluded = 0 ORDER BY images.id",
-            [_current_run_id(db)],
-        )
-    )
-    seen = [r for r in rows if r["probs"] is not None]
-    unseen = [r["id"] for r in rows if r["probs"] is None]
-    if not seen:
-        return unseen
-    probs = np.array([json.loads(r["probs"]) for r in seen])
-    order = np.argsort(-uncertainty(probs, measure), kind="stable")
-    return [seen[i]["id"] for i in order] + unseen
-
-
-def next_unsure_image_id(db: Database, after_id: int = 0) -> int | None:
-    """The Label page's "model is unsure first" order: the image after `after_id` in that order,
-    or the least sure one when `after_id` is not in it (just labelled, say)."""
-    order = unsure_first_image_ids(db)
-    if not order:
-        return None
-    if after_id in order:
-        return order[(order.index(after_id) + 1) % len(order)]
-    return order[0]
-
-
-def suggested_label(db: Database, image_id: int) -> tuple[str, float] | None:
-    """The current model's predicted class for this image and its probability, if it predicted one."""
-    row = next(
-        db.query(
-            "SELECT classes.name, classes.archived, p.probs FROM predictions p "
-            "JOIN classes ON classes.id = p.predicted_class_id "
-            "WHERE p.image_id = ? AND p.run_id = ?",
-            [image_id, _current_run_id(db)],
-        ),
-        None,
-    )
-    if row is None or row["archived"]:
-        return None
-    return row["name"], float(max(json.loads(row["probs"])))
-
-
-def _current_run_id(db: Database) -> int | None:
-    run = current_run(db)
-    return run["id"] if run else None

@@ -89,7 +89,8 @@ def active_runs(db: Database) -> list[dict]:
 
 def current_run(db: Database) -> dict | None:
     """The succeeded run whose model is current, if any."""
-    return _decode(next(db.query("SELECT * FROM runs WHERE is_current = 1"), None))
+    run_id = catalog.current_run_id(db)
+    return get_run(db, run_id) if run_id is not None else None
 
 
 def run_epochs(db: Database, run_id: int) -> list[dict]:

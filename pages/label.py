@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from core import catalog, hard, ingest
+from core import catalog, ingest, uncertainty
 from core.errors import LoupeError
 from dashboard import state
 
@@ -19,7 +19,7 @@ UNLABELLED = "Unlabelled"
 # How focus mode picks the next image to label: name -> function(db, after_id) -> image id or None.
 NEXT_IMAGE_ORDERS = {
     "Catalog order": catalog.next_unlabelled_image_id,
-    "Model is unsure first": hard.next_unsure_image_id,
+    "Model is unsure first": uncertainty.next_unsure_image_id,
 }
 
 
@@ -208,7 +208,7 @@ def focus_mode(db, classes: list[str]) -> None:
         )
         st.markdown(f"Label: **{image['label'] or 'unlabelled'}**")
         # The current model's guess, pre-selected: accepting it is one key press.
-        suggestion = hard.suggested_label(db, image_id) if image["label"] is None else None
+        suggestion = uncertainty.suggested_label(db, image_id) if image["label"] is None else None
         if suggestion:
             st.button(
                 f"Accept the model's suggestion: {suggestion[0]} ({suggestion[1]:.0%})", key="accept_suggestion",

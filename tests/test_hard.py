@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import normalize
 
-from core import catalog, hard, ingest
+from core import catalog, hard, ingest, uncertainty
 from core.errors import LoupeError
 from core.metrics import load_run_predictions
 from tests.conftest import add_labelled_images, image_bytes
@@ -18,10 +18,10 @@ def blobs(per_class=30, classes=2, dim=16, seed=0):
 
 def test_uncertainty_measures():
     probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])
-    assert hard.margin(probs) == pytest.approx([0.0, 0.8, 0.2])
-    assert np.argsort(-hard.uncertainty(probs, "entropy")).tolist() == [0, 2, 1]
+    assert uncertainty.margin(probs) == pytest.approx([0.0, 0.8, 0.2])
+    assert np.argsort(-uncertainty.uncertainty(probs, "entropy")).tolist() == [0, 2, 1]
     with pytest.raises(LoupeError):
-        hard.uncertainty(probs, "luck")
+        uncertainty.uncertainty(probs, "luck")
 
 
 def test_misclassified_by_loss_and_narrow_wins_by_margin():
@@ -123,23 +123,23 @@ def test_label_page_order_and_suggestion(workspace, db, make_run):
     unsure, sure, unseen = (
         ingest.ingest_bytes(workspace, db, image_bytes((9, 9, n), (32, 32)), f"u{n}.png").image_id for n in range(3)
     )
-    assert hard.unsure_first_image_ids(db) == [unsure, sure, unseen]  # no model yet: catalog order
+    assert uncertainty.unsure_first_image_ids(db) == [unsure, sure, unseen]  # no model yet: catalog order
     make_run({unsure: [0.55, 0.45], sure: [0.05, 0.95]})
-    assert hard.unsure_first_image_ids(db) == [unsure, sure, unseen]
+    assert uncertainty.unsure_first_image_ids(db) == [unsure, sure, unseen]
     make_run({unsure: [0.99, 0.01], sure: [0.5, 0.5]})
-    assert hard.unsure_first_image_ids(db) == [sure, unsure, unseen]
-    assert hard.suggested_label(db, unsure) == ("red", pytest.approx(0.99))
-    assert hard.suggested_label(db, unseen) is None
+    assert uncertainty.unsure_first_image_ids(db) == [sure, unsure, unseen]
+    assert uncertainty.suggested_label(db, unsure) == ("red", pytest.approx(0.99))
+    assert uncertainty.suggested_label(db, unseen) is None
     catalog.set_label(db, sure, "blue", "me")
-    assert sure not in hard.unsure_first_image_ids(db)
+    assert sure not in uncertainty.unsure_first_image_ids(db)
 
 
 def test_next_unsure_image_walks_the_order(workspace, db, make_run):
     add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
     a, b, c = (ingest.ingest_bytes(workspace, db, image_bytes((7, n, 7), (32, 32)), f"n{n}.png").image_id for n in range(3))
     make_run({a: [0.9, 0.1], b: [0.5, 0.5], c: [0.6, 0.4]})
-    assert hard.next_unsure_image_id(db) == b
-    assert hard.next_unsure_image_id(db, b) == c
-    assert hard.next_unsure_image_id(db, a) == b  # wraps around
+    assert uncertainty.next_unsure_image_id(db) == b
+    assert uncertainty.next_unsure_image_id(db, b) == c
+    assert uncertainty.next_unsure_image_id(db, a) == b  # wraps around
     catalog.set_label(db, b, "red", "me")
-    assert hard.next_unsure_image_id(db, b) == c  # the one just labelled left the order
+    assert uncertainty.next_unsure_image_id(db, b) == c  # the one just labelled left the order

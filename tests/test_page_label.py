@@ -1,8 +1,12 @@
+import ast
+import subprocess
+import sys
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import catalog, ingest
-from tests.conftest import APP, image_bytes
+from tests.conftest import APP, ROOT, image_bytes
 
 
 def seed(ws, db, count: int, start: int = 0) -> list[int]:
@@ -130,3 +134,18 @@ def test_focus_mode_unsure_first_order_and_suggestion_accepted_with_one_key(labe
     assert "ants (55%)" in at.button(key="accept_suggestion").label
     at.button(key="next_unlabelled").click().run()
     assert at.markdown[0].value.startswith(f"**#{ids[1]}**")
+
+
+def test_the_label_page_loads_without_torch_or_scikit_learn():
+    # Labelling is the first thing a new user does: its page must not wait for the ML stack to import.
+    tree = ast.parse((ROOT / "pages" / "label.py").read_text())
+    modules = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    modules += [
+        f"{node.module}.{alias.name}" if node.module == "core" else node.module
+        for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    ]
+    check = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print(sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = set(ast.literal_eval(result.stdout.strip()))
+    assert "core.catalog" in loaded and not loaded & {"torch", "sklearn", "timm", "cleanlab"}
