@@ -322,6 +322,13 @@ class _EmbeddingItem:
     path: Path
 
 
+def run_mislabelled_queue(ws: Workspace, db: Database, run: dict, predictions: RunPredictions) -> pd.DataFrame:
+    """`mislabelled_queue` for a stored run: its labelled images' embeddings by the run's backbone."""
+    config = TrainConfig.from_dict(run["config"] or {})
+    features = run_embeddings(ws, db, run, predictions.labelled().image_ids)
+    return mislabelled_queue(predictions, features, config.backbone, config.weights_path)
+
+
 def run_embeddings(
     ws: Workspace, db: Database, run: dict, image_ids: np.ndarray, compute_missing: bool = True
 ) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from core.ingest import open_image_rgb
 from core.metrics import (
     EVALUATION_SPLITS, RunPredictions, compare_runs, confusion_cell_images, load_run_predictions, split_metrics,
 )
-from core.training import PRESETS, TrainConfig
+from core.training import PRESETS
 from core.workspace import Workspace
 from dashboard import state
 
@@ -68,12 +68,8 @@ def _predictions(root: str, run_id: int) -> RunPredictions:
 
 @st.cache_data(max_entries=8, show_spinner="Finding likely mislabelled images…")
 def _mislabelled(root: str, run_id: int) -> pd.DataFrame:
-    ws, db = Workspace(Path(root)), state.db()
-    predictions = _predictions(root, run_id)
-    run = jobs.get_run(db, run_id)
-    features = hard.run_embeddings(ws, db, run, predictions.labelled().image_ids)
-    config = TrainConfig.from_dict(run["config"] or {})
-    return hard.mislabelled_queue(predictions.labelled(), features, config.backbone, config.weights_path)
+    db = state.db()
+    return hard.run_mislabelled_queue(Workspace(Path(root)), db, jobs.get_run(db, run_id), _predictions(root, run_id))
 
 
 @st.cache_data(max_entries=8, show_spinner="Comparing embeddings…")

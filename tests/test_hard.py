@@ -115,6 +115,8 @@ def test_queues_from_a_run(workspace, db, make_run):
     assert features.shape == (10, 1280)
     queue = hard.mislabelled_queue(preds, features)
     assert sorted(queue.image_id) == sorted(labelled.image_ids.tolist())
+    stored = hard.run_mislabelled_queue(workspace, db, {"config": None}, preds)
+    assert stored.image_id.tolist() == queue.image_id.tolist()
     assert hard.run_embeddings(workspace, db, {"config": None}, labelled.image_ids, compute_missing=False) is not None
 
 
