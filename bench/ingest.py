@@ -22,7 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import catalog, ingest  # noqa: E402
+from core import catalog, images, ingest  # noqa: E402
 from core.workspace import connect, open_workspace  # noqa: E402
 
 HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
@@ -54,7 +54,7 @@ def generated_catalog(root: Path) -> Path:
     ws = open_workspace(root)
     thumb = Path("thumbs") / "shared.jpg"
     buffer = io.BytesIO()
-    Image.new("RGB", (ingest.THUMB_SIZE, ingest.THUMB_SIZE * 3 // 4), (120, 150, 90)).save(buffer, format="JPEG")
+    Image.new("RGB", (images.THUMB_SIZE, images.THUMB_SIZE * 3 // 4), (120, 150, 90)).save(buffer, format="JPEG")
     (ws.root / thumb).write_bytes(buffer.getvalue())
     db = connect(ws)
     with db.atomic():

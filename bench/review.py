@@ -36,7 +36,7 @@ from core.backbones import DEFAULT_BACKBONE, configure_threads, get_spec
 from core.checkpoints import load_run_model
 from core.embeddings import EmbeddingCache, embed_images
 from core.explain import explain, prepare_for_cam
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 from core.training import PRESETS, choose_image_size, dataset_from_catalog
 from core.worker import run_worker
 from core.workspace import Workspace, connect, open_workspace

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.backbones import configure_threads, create_backbone, get_spec  # noqa: E402
 from core.embeddings import EmbeddingCache  # noqa: E402
-from core.ingest import ImportItem, ingest_items, items_from_folder, open_image_rgb  # noqa: E402
+from core.images import open_image_rgb  # noqa: E402
+from core.ingest import ImportItem, ingest_items, items_from_folder  # noqa: E402
 from core.training import (  # noqa: E402
     PRESETS,
     EpochMetrics,

@@ -1,4 +1,6 @@
-"""The SQLite catalog: schema, migrations and every read/write of images, classes, labels, splits.
+"""The SQLite catalog: every read/write of images, classes, labels, splits and settings.
+
+The schema and its migrations are in `core.schema`; expert review decisions in `core.reviews`.
 
 Plain functions over a `sqlite_utils.Database`; the database always comes first.
 """
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
-from sqlite_utils import Database, Migrations
+from sqlite_utils import Database
 
 from core.errors import LoupeError
 
@@ -20,124 +22,6 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 # A class needs this many labelled images before it is guaranteed a validation image.
 MIN_IMAGES_FOR_VAL = 3
-
-migrations = Migrations("loupe")
-
-
-@migrations()
-def create_catalog(db: Database) -> None:
-    db.executescript(
-        """
-        CREATE TABLE images (
-            id INTEGER PRIMARY KEY,
-            sha256 TEXT NOT NULL UNIQUE,
-            path TEXT NOT NULL,
-            thumb_path TEXT NOT NULL,
-            width INTEGER NOT NULL,
-            height INTEGER NOT NULL,
-            format TEXT NOT NULL,
-            original_name TEXT NOT NULL,
-            added_at TEXT NOT NULL,
-            excluded INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE INDEX images_original_name ON images(original_name);
-        CREATE TABLE classes (
-            id INTEGER PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            archived INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL
-        );
-        CREATE TABLE labels (
-            image_id INTEGER PRIMARY KEY REFERENCES images(id),
-            class_id INTEGER NOT NULL REFERENCES classes(id),
-            labelled_by TEXT NOT NULL,
-            labelled_at TEXT NOT NULL
-        );
-        CREATE INDEX labels_class_id ON labels(class_id);
-        CREATE TABLE label_events (
-            id INTEGER PRIMARY KEY,
-            image_id INTEGER NOT NULL REFERENCES images(id),
-            old_class_id INTEGER REFERENCES classes(id),
-            new_class_id INTEGER REFERENCES classes(id),
-            who TEXT NOT NULL,
-            at TEXT NOT NULL,
-            reason TEXT NOT NULL DEFAULT 'label'
-        );
-        CREATE INDEX label_events_image ON label_events(image_id);
-        CREATE INDEX label_events_who ON label_events(who, id);
-        CREATE TABLE splits (
-            image_id INTEGER PRIMARY KEY REFERENCES images(id),
-            split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),
-            pinned INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE INDEX splits_split ON splits(split);
-        CREATE TABLE settings (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        );
-        CREATE TABLE runs (
-            id INTEGER PRIMARY KEY,
-            status TEXT NOT NULL,
-            config TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            started_at TEXT,
-            finished_at TEXT,
-            pid INTEGER,
-            heartbeat_at TEXT,
-            progress TEXT,
-            metrics TEXT,
-            error TEXT,
-            is_current INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE TABLE run_epochs (
-            run_id INTEGER NOT NULL REFERENCES runs(id),
-            epoch INTEGER NOT NULL,
-            train_loss REAL,
-            val_loss REAL,
-            val_accuracy REAL,
-            val_macro_f1 REAL,
-            lr REAL,
-            seconds REAL,
-            PRIMARY KEY (run_id, epoch)
-        );
-        CREATE TABLE run_items (
-            run_id INTEGER NOT NULL REFERENCES runs(id),
-            image_id INTEGER NOT NULL REFERENCES images(id),
-            class_id INTEGER REFERENCES classes(id),
-            split TEXT NOT NULL,
-            PRIMARY KEY (run_id, image_id)
-        );
-        CREATE TABLE predictions (
-            run_id INTEGER NOT NULL REFERENCES runs(id),
-            image_id INTEGER NOT NULL REFERENCES images(id),
-            split TEXT NOT NULL,
-            predicted_class_id INTEGER REFERENCES classes(id),
-            probs TEXT NOT NULL,
-            PRIMARY KEY (run_id, image_id)
-        );
-        CREATE TABLE embeddings (
-            sha256 TEXT NOT NULL,
-            backbone TEXT NOT NULL,
-            vector BLOB NOT NULL,
-            PRIMARY KEY (sha256, backbone)
-        );
-        CREATE TABLE reviews (
-            id INTEGER PRIMARY KEY,
-            image_id INTEGER NOT NULL REFERENCES images(id),
-            reviewer TEXT NOT NULL,
-            decision TEXT NOT NULL,
-            class_id INTEGER REFERENCES classes(id),
-            comment TEXT,
-            at TEXT NOT NULL
-        );
-        CREATE INDEX reviews_image ON reviews(image_id);
-        """
-    )
-
-
-def migrate(db: Database) -> None:
-    migrations.apply(db)
-
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -297,7 +181,7 @@ def _class_row(db: Database, name: str) -> dict | None:
     return next(db.query("SELECT * FROM classes WHERE name = ?", [name]), None)
 
 
-def _clean_class_name(name: str) -> str:
+def clean_class_name(name: str) -> str:
     cleaned = " ".join(str(name).split())
     if not cleaned:
         raise LoupeError("A class needs a name.")
@@ -308,7 +192,7 @@ def _clean_class_name(name: str) -> str:
 
 def add_class(db: Database, name: str) -> int:
     """The class's id, creating it (or bringing it back from the archive) if needed."""
-    name = _clean_class_name(name)
+    name = clean_class_name(name)
     row = _class_row(db, name)
     if row:
         if row["archived"]:
@@ -325,7 +209,7 @@ def require_class(db: Database, name: str) -> dict:
 
 
 def rename_class(db: Database, old: str, new: str) -> None:
-    new = _clean_class_name(new)
+    new = clean_class_name(new)
     row = require_class(db, old)
     if new != old and _class_row(db, new):
         raise LoupeError(f"A class named {new!r} already exists: merge the two instead.")
@@ -540,140 +424,3 @@ def write_transaction(db: Database) -> Iterator[Database]:
         db.conn.rollback()
         raise
     db.execute("COMMIT")
-
-
-# ---------------------------------------------------------------- expert review
-
-REVIEW_DECISIONS = ("confirm", "relabel", "ambiguous", "exclude", "include", "comment")
-REVIEW_FILTERS = ("all", "unreviewed", "mine", "disagreements", "excluded")
-
-
-def record_review(
-    db: Database,
-    image_id: int,
-    reviewer: str,
-    decision: str,
-    class_name: str | None = None,
-    comment: str | None = None,
-) -> int:
-    """Add one review decision to the image's history (never overwriting one); the review's id.
-
-    `relabel` changes the label through `set_label`, so label_events keep it too; `confirm` records
-    the label confirmed; `exclude` leaves the image out of training from the next run, `include`
-    takes it back.
-    """
-    if decision not in REVIEW_DECISIONS:
-        raise LoupeError(f"Unknown review decision {decision!r}: use one of {', '.join(REVIEW_DECISIONS)}.")
-    reviewer = (reviewer or "").strip() or "anonymous"
-    comment = (comment or "").strip() or None
-    if decision == "comment" and not comment:
-        raise LoupeError("Write a comment before saving it.")
-    if decision == "relabel" and not class_name:
-        raise LoupeError("Choose the class to relabel the image to.")
-    with write_transaction(db):
-        image = get_image(db, image_id)
-        class_id = None
-        if decision == "relabel":
-            set_label(db, image_id, class_name, reviewer)
-            class_id = require_class(db, _clean_class_name(class_name))["id"]
-        elif decision == "confirm":
-            if image["label"] is None:
-                raise LoupeError("This image has no label to confirm: relabel it instead.")
-            class_id = require_class(db, image["label"])["id"]
-        elif decision in ("exclude", "include"):
-            db.execute("UPDATE images SET excluded = ? WHERE id = ?", [int(decision == "exclude"), image_id])
-        return db.execute(
-            "INSERT INTO reviews (image_id, reviewer, decision, class_id, comment, at) VALUES (?, ?, ?, ?, ?, ?)",
-            [image_id, reviewer, decision, class_id, comment, now()],
-        ).lastrowid
-
-
-def review_history(db: Database, image_id: int) -> list[dict]:
-    """Every review decision on the image, oldest first, with the class it named."""
-    return list(
-        db.query(
-            "SELECT r.id, r.at, r.reviewer, r.decision, classes.name AS class_name, r.comment FROM reviews r "
-            "LEFT JOIN classes ON classes.id = r.class_id WHERE r.image_id = ? ORDER BY r.id",
-            [image_id],
-        )
-    )
-
-
-# The latest confirm/relabel per image, and the label the last other person gave it before or after.
-_REVIEWED_LABELS = (
-    "SELECT r.image_id, r.reviewer, r.class_id AS reviewer_class_id, "
-    "(SELECT e.new_class_id FROM label_events e WHERE e.image_id = r.image_id AND e.who != r.reviewer "
-    " AND e.new_class_id IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS labeller_class_id "
-    "FROM reviews r WHERE r.id = (SELECT max(r2.id) FROM reviews r2 WHERE r2.image_id = r.image_id "
-    " AND r2.decision IN ('confirm', 'relabel'))"
-)
-
-
-def review_summary(db: Database, image_id: int) -> dict:
-    """The image's labeller's label and the latest reviewer's, and whether they disagree."""
-    image = get_image(db, image_id)
-    row = next(
-        db.query(
-            "SELECT v.reviewer, rc.name AS reviewer_label, lc.name AS labeller_label FROM (" + _REVIEWED_LABELS + ") v "
-            "LEFT JOIN classes rc ON rc.id = v.reviewer_class_id LEFT JOIN classes lc ON lc.id = v.labeller_class_id "
-            "WHERE v.image_id = ?",
-            [image_id],
-        ),
-        None,
-    )
-    latest = next(
-        db.query("SELECT decision, reviewer, at FROM reviews WHERE image_id = ? ORDER BY id DESC LIMIT 1", [image_id]),
-        None,
-    )
-    return {
-        "label": image["label"],
-        "labelled_by": image["labelled_by"],
-        "excluded": bool(image["excluded"]),
-        "reviewer": row["reviewer"] if row else None,
-        "reviewer_label": row["reviewer_label"] if row else None,
-        "labeller_label": row["labeller_label"] if row else image["label"],
-        "disagreement": bool(row and row["labeller_label"] and row["labeller_label"] != row["reviewer_label"]),
-        "latest_decision": latest,
-    }
-
-
-def filter_reviewed(db: Database, image_ids: Iterable[int], which: str, reviewer: str | None = None) -> list[int]:
-    """The images of a queue (order kept) that match a review filter: all, unreviewed, mine
-    (reviewed by `reviewer`), disagreements (reviewer's label differs from the labeller's), excluded."""
-    ids = list(image_ids)
-    if which == "all":
-        return ids
-    if which == "unreviewed":
-        matching = {r["image_id"] for r in db.query("SELECT DISTINCT image_id FROM reviews")}
-        return [i for i in ids if i not in matching]
-    if which == "mine":
-        who = (reviewer or "").strip() or "anonymous"
-        sql, params = "SELECT DISTINCT image_id FROM reviews WHERE reviewer = ?", [who]
-    elif which == "disagreements":
-        sql = (
-            "SELECT image_id FROM (" + _REVIEWED_LABELS + ") "
-            "WHERE labeller_class_id IS NOT NULL AND labeller_class_id != reviewer_class_id"
-        )
-        params = []
-    elif which == "excluded":
-        sql, params = "SELECT id AS image_id FROM images WHERE excluded = 1", []
-    else:
-        raise LoupeError(f"Unknown review filter {which!r}: use one of {', '.join(REVIEW_FILTERS)}.")
-    matching = {r["image_id"] for r in db.query(sql, params)}
-    return [i for i in ids if i in matching]
-
-
-def review_progress(db: Database, image_ids: Iterable[int]) -> tuple[int, int]:
-    """(reviewed, total) over a queue of images."""
-    ids = list(image_ids)
-    reviewed = {r["image_id"] for r in db.query("SELECT DISTINCT image_id FROM reviews")}
-    return sum(1 for i in ids if i in reviewed), len(ids)
-
-
-# ---------------------------------------------------------------- later migrations
-
-
-@migrations()
-def add_run_cancel_requested_at(db: Database) -> None:
-    # When a cancel was asked for, so a worker that ignores it can be stopped after a grace period.
-    db.execute("ALTER TABLE runs ADD COLUMN cancel_requested_at TEXT")

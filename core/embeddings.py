@@ -18,7 +18,7 @@ from sqlite_utils import Database
 from torch import nn
 
 from core.backbones import Preprocessing, configure_threads, create_backbone, get_spec
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 
 EMBED_BATCH_SIZE = 32
 # Decoding (Pillow releases the GIL) runs in threads alongside the forward pass.

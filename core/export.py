@@ -33,7 +33,7 @@ from core import bundle_predict, jobs, metrics, model_card
 from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 from core.workspace import Workspace, atomic_file
 
 INPUT_NAME = "input"

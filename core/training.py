@@ -38,7 +38,7 @@ from core.backbones import DEFAULT_BACKBONE, Preprocessing, configure_threads, g
 from core.checkpoints import TrainedModel, build_classifier
 from core.embeddings import DECODE_THREADS, EmbeddingCache, decoded_batches, embed_images
 from core.errors import LoupeError
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 from core.workspace import Workspace
 
 STRATEGIES = ("head", "finetune", "two_stage")

@@ -46,7 +46,7 @@ def default_workspace_path() -> Path:
 
 def open_workspace(root: str | Path | None = None) -> Workspace:
     """Create the workspace folders if needed and bring its catalog to the current schema."""
-    from core.catalog import migrate
+    from core.schema import migrate
 
     ws = Workspace(Path(root) if root is not None else default_workspace_path())
     for folder in (ws.root, ws.images_dir, ws.thumbs_dir, ws.runs_dir):

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import streamlit as st
 
-from core import catalog, ingest, uncertainty
+from core import catalog, images, ingest, uncertainty
 from core.errors import LoupeError
 from dashboard import state
 
@@ -170,7 +170,7 @@ def undo_label() -> None:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def preview(path: str) -> bytes:
-    return ingest.preview_jpeg(path)
+    return images.preview_jpeg(path)
 
 
 def current_focus_id(db) -> int | None:

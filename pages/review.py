@@ -10,11 +10,11 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from core import catalog, hard, jobs
+from core import catalog, hard, jobs, reviews
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
 from core.explain import CAM_METHOD_NAMES, explain, overlay, prepare_for_cam
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 from core.metrics import (
     EVALUATION_SPLITS, RunPredictions, compare_runs, confusion_cell_images, load_run_predictions, split_metrics,
 )
@@ -253,12 +253,12 @@ def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -
     if frame is None:
         return
     db = state.db()
-    kept = catalog.filter_reviewed(db, frame["image_id"].tolist(), which, state.user())
+    kept = reviews.filter_reviewed(db, frame["image_id"].tolist(), which, state.user())
     if queue == "duplicates":
         frame = frame[frame["image_id"].isin(kept) | frame["other_image_id"].isin(kept)]
     else:
         frame = frame.set_index("image_id").loc[kept].reset_index()
-    reviewed, total = catalog.review_progress(db, frame["image_id"].tolist())
+    reviewed, total = reviews.review_progress(db, frame["image_id"].tolist())
     st.progress(reviewed / total if total else 0.0, text=f"{reviewed} of {total} reviewed")
     if frame.empty:
         st.caption("Nothing in this queue.")
@@ -279,7 +279,7 @@ def decisions(image_id: int, classes: list[str], label: str | None, excluded: bo
     def record(decision: str, class_name: str | None = None, comment: str | None = None) -> None:
         # Callbacks run in their own thread: they need their own connection.
         try:
-            catalog.record_review(state.db(), image_id, state.user(), decision, class_name, comment)
+            reviews.record_review(state.db(), image_id, state.user(), decision, class_name, comment)
         except LoupeError as exc:
             st.session_state["review_error"] = str(exc)
             return
@@ -328,7 +328,7 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
     classes = predictions.classes
     picture, details = st.columns([3, 2])
     with details:
-        summary = catalog.review_summary(db, image_id)
+        summary = reviews.review_summary(db, image_id)
         if probs is not None:
             predicted = int(np.argmax(probs))
             labelled_index = classes.index(image["label"]) if image["label"] in classes else None
@@ -374,7 +374,7 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
                 small = np.asarray(Image.fromarray(heat).resize(shown.size, Image.BILINEAR), dtype=np.float32)
                 st.image(overlay(shown, np.clip(small, 0.0, 1.0), opacity),
                          caption=f"{CAM_METHOD_NAMES[method]} for {explained}")
-    history = catalog.review_history(db, image_id)
+    history = reviews.review_history(db, image_id)
     labels = catalog.label_history(db, image_id)
     with st.expander(f"History ({len(history)} reviews, {len(labels)} label changes)"):
         if history:

@@ -8,7 +8,7 @@ import timm
 import torch
 from sqlite_utils import Database
 
-from core import ingest
+from core import images, ingest
 from core.backbones import get_spec
 from core.catalog import now
 from core.checkpoints import TrainedModel, run_checkpoint_path, save_checkpoint
@@ -36,7 +36,7 @@ def make_succeeded_run(ws: Workspace, db: Database, trained: TrainedModel, curre
     )
     transform = trained.preprocessing.eval_transform()
     with torch.inference_mode():
-        batch = torch.stack([transform(ingest.open_image_rgb(ws.root / r["path"])) for r in labelled])
+        batch = torch.stack([transform(images.open_image_rgb(ws.root / r["path"])) for r in labelled])
         probs = torch.softmax(trained.model(batch), dim=1).numpy()
     with db.atomic():
         if current:

@@ -9,7 +9,7 @@ from PIL import Image
 from core import bundle_predict, export
 from core.catalog import now
 from core.errors import LoupeError
-from core.ingest import open_image_rgb
+from core.images import open_image_rgb
 from core.workspace import connect, open_workspace
 from tests.conftest import add_labelled_images
 from tests.exported_run import make_succeeded_run, tiny_model

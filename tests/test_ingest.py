@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import catalog, ingest
+from core import catalog, images, ingest
 from core.errors import LoupeError
 from tests.conftest import image_bytes, require_dataset
 
@@ -118,7 +118,7 @@ def test_hostile_corpus_each_file_gets_the_right_outcome(workspace, db, tmp_path
 
 def test_hostile_images_are_normalised_to_rgb(workspace, db):
     def decoded(name):
-        return ingest.decode_image(HOSTILE_CORPUS[name][0])
+        return images.decode_image(HOSTILE_CORPUS[name][0])
 
     cmyk = decoded("cmyk.jpg")
     assert cmyk.rgb.mode == "RGB" and cmyk.format == "JPEG"
@@ -144,8 +144,8 @@ def test_added_image_keeps_original_bytes_and_thumbnail(workspace, db):
     assert (row["width"], row["height"], row["format"]) == (20, 40, "JPEG")
     with Image.open(workspace.root / row["thumb_path"]) as thumb:
         assert thumb.format == "JPEG" and thumb.size == (20, 40)
-    assert ingest.open_image_rgb(workspace.root / row["path"]).size == (20, 40)
-    with Image.open(io.BytesIO(ingest.preview_jpeg(workspace.root / row["path"], max_side=10))) as preview:
+    assert images.open_image_rgb(workspace.root / row["path"]).size == (20, 40)
+    with Image.open(io.BytesIO(images.preview_jpeg(workspace.root / row["path"], max_side=10))) as preview:
         assert max(preview.size) == 10
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import catalog, jobs
+from core import catalog, jobs, reviews
 from core.workspace import WORKSPACE_ENV, connect
 from tests.conftest import add_labelled_images, stop_workers
 
@@ -51,7 +51,7 @@ def test_review_page_metrics_queue_image_decisions_and_retrain(workspace, db, ma
     at.button(key="exclude").click().run()
     at.text_input(key="review_comment").input("petals look blue in this light")
     at.button(key="comment").click().run()
-    history = [(h["decision"], h["class_name"]) for h in catalog.review_history(db, red_val[0])]
+    history = [(h["decision"], h["class_name"]) for h in reviews.review_history(db, red_val[0])]
     assert history == [("relabel", "blue"), ("exclude", None), ("comment", None)]
     assert catalog.get_image(db, red_val[0])["excluded"] == 1
 

@@ -1,6 +1,6 @@
 import pytest
 
-from core import catalog
+from core import catalog, reviews
 from core.errors import LoupeError
 from core.training import dataset_from_catalog
 from tests.conftest import add_labelled_images
@@ -14,11 +14,11 @@ def images(workspace, db):
 
 def test_every_decision_is_kept_in_order(db, images):
     first = images[0]
-    catalog.record_review(db, first, "ana", "confirm")
-    catalog.record_review(db, first, "ana", "comment", comment="  wing is blurred ")
-    catalog.record_review(db, first, "ben", "relabel", "blue")
-    catalog.record_review(db, first, "ben", "ambiguous", comment="could be either")
-    history = catalog.review_history(db, first)
+    reviews.record_review(db, first, "ana", "confirm")
+    reviews.record_review(db, first, "ana", "comment", comment="  wing is blurred ")
+    reviews.record_review(db, first, "ben", "relabel", "blue")
+    reviews.record_review(db, first, "ben", "ambiguous", comment="could be either")
+    history = reviews.review_history(db, first)
     assert [(h["reviewer"], h["decision"], h["class_name"]) for h in history] == [
         ("ana", "confirm", "red"),
         ("ana", "comment", None),
@@ -33,43 +33,43 @@ def test_every_decision_is_kept_in_order(db, images):
 
 
 def test_exclude_leaves_training_and_include_brings_it_back(workspace, db, images):
-    catalog.record_review(db, images[1], "ana", "exclude", comment="not a product photo")
+    reviews.record_review(db, images[1], "ana", "exclude", comment="not a product photo")
     assert images[1] not in [item.image_id for item in dataset_from_catalog(workspace, db).items]
-    assert catalog.filter_reviewed(db, images, "excluded") == [images[1]]
-    catalog.record_review(db, images[1], "ana", "include")
+    assert reviews.filter_reviewed(db, images, "excluded") == [images[1]]
+    reviews.record_review(db, images[1], "ana", "include")
     assert images[1] in [item.image_id for item in dataset_from_catalog(workspace, db).items]
-    assert catalog.filter_reviewed(db, images, "excluded") == []
-    assert [h["decision"] for h in catalog.review_history(db, images[1])] == ["exclude", "include"]
+    assert reviews.filter_reviewed(db, images, "excluded") == []
+    assert [h["decision"] for h in reviews.review_history(db, images[1])] == ["exclude", "include"]
 
 
 def test_filters_and_progress(db, images):
-    catalog.record_review(db, images[0], "ana", "confirm")
-    catalog.record_review(db, images[1], "ana", "relabel", "blue")  # labeller said red
-    catalog.record_review(db, images[4], "ben", "relabel", "red")  # labeller said blue
+    reviews.record_review(db, images[0], "ana", "confirm")
+    reviews.record_review(db, images[1], "ana", "relabel", "blue")  # labeller said red
+    reviews.record_review(db, images[4], "ben", "relabel", "red")  # labeller said blue
     queue = [images[4], images[1], images[0], images[2]]
-    assert catalog.filter_reviewed(db, queue, "all") == queue
-    assert catalog.filter_reviewed(db, queue, "unreviewed") == [images[2]]
-    assert catalog.filter_reviewed(db, queue, "mine", "ana") == [images[1], images[0]]
-    assert catalog.filter_reviewed(db, queue, "disagreements") == [images[4], images[1]]
-    assert catalog.review_progress(db, queue) == (3, 4)
-    summary = catalog.review_summary(db, images[1])
+    assert reviews.filter_reviewed(db, queue, "all") == queue
+    assert reviews.filter_reviewed(db, queue, "unreviewed") == [images[2]]
+    assert reviews.filter_reviewed(db, queue, "mine", "ana") == [images[1], images[0]]
+    assert reviews.filter_reviewed(db, queue, "disagreements") == [images[4], images[1]]
+    assert reviews.review_progress(db, queue) == (3, 4)
+    summary = reviews.review_summary(db, images[1])
     assert summary["disagreement"] and summary["labeller_label"] == "red" and summary["reviewer_label"] == "blue"
-    assert not catalog.review_summary(db, images[0])["disagreement"]
+    assert not reviews.review_summary(db, images[0])["disagreement"]
     # A later confirm of the labeller's class settles it.
-    catalog.record_review(db, images[4], "ben", "relabel", "blue")
-    assert catalog.filter_reviewed(db, queue, "disagreements") == [images[1]]
+    reviews.record_review(db, images[4], "ben", "relabel", "blue")
+    assert reviews.filter_reviewed(db, queue, "disagreements") == [images[1]]
 
 
 def test_refuses_what_cannot_be_recorded(db, images):
     with pytest.raises(LoupeError, match="Unknown review decision"):
-        catalog.record_review(db, images[0], "ana", "approve")
+        reviews.record_review(db, images[0], "ana", "approve")
     with pytest.raises(LoupeError, match="comment"):
-        catalog.record_review(db, images[0], "ana", "comment", comment="  ")
+        reviews.record_review(db, images[0], "ana", "comment", comment="  ")
     with pytest.raises(LoupeError, match="class"):
-        catalog.record_review(db, images[0], "ana", "relabel")
+        reviews.record_review(db, images[0], "ana", "relabel")
     with pytest.raises(LoupeError, match="no image"):
-        catalog.record_review(db, 999, "ana", "confirm")
+        reviews.record_review(db, 999, "ana", "confirm")
     catalog.set_label(db, images[0], None, "ana")
     with pytest.raises(LoupeError, match="no label to confirm"):
-        catalog.record_review(db, images[0], "ana", "confirm")
-    assert catalog.review_history(db, images[0]) == []
+        reviews.record_review(db, images[0], "ana", "confirm")
+    assert reviews.review_history(db, images[0]) == []

@@ -6,7 +6,8 @@ from core import catalog
 from core.backbones import get_spec
 from core.checkpoints import build_classifier
 from core.embeddings import EmbeddingCache, cache_key
-from core.ingest import ingest_bytes, open_image_rgb
+from core.images import open_image_rgb
+from core.ingest import ingest_bytes
 from core.errors import LoupeError
 from core.training import (
     PRESETS,
