@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import bundle_predict, images, ingest, jobs  # noqa: E402
+from core import bundle_predict, ingest, jobs  # noqa: E402
 from core.checkpoints import load_run_model  # noqa: E402
 from core.export import export_run, run_snapshot  # noqa: E402
 from core.training import PRESETS  # noqa: E402
@@ -90,13 +90,14 @@ def main() -> int:
         trained = load_run_model(ws, run_id)
         index = {name: k for k, name in enumerate(trained.classes)}
         val = [r for r in run_snapshot(db, run_id) if r["split"] == "val"]
-        images = [images.open_image_rgb(ws.root / r["path"]) for r in val]
         labels = np.array([index[r["label"]] for r in val])
         fp32 = bundle_predict.BundlePredictor.from_zip(report.path, threads=args.threads)
         int8 = bundle_predict.BundlePredictor.from_zip(report.path, int8=True, threads=args.threads)
-        arrays = np.stack([bundle_predict.preprocess(image, fp32.config) for image in images])
+        # Decoded once, the bundle's way, so every runtime below sees the same pixels.
+        val_images = [fp32.load_image(ws.root / r["path"]) for r in val]
+        arrays = np.stack([bundle_predict.preprocess(image, fp32.config) for image in val_images])
         transform = trained.preprocessing.eval_transform()
-        tensors = torch.stack([transform(image) for image in images])
+        tensors = torch.stack([transform(image) for image in val_images])
         db.close()
 
     torch.set_num_threads(args.threads)

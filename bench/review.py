@@ -5,11 +5,17 @@
 1. Label noise on hymenoptera train: flip 10% of the labels (3 seeds) and count how many of the
    flipped images the likely-mislabelled queue puts in its top N (N = number flipped); the plain
    recipe (cross-validated logistic regression on raw embeddings + cleanlab) for comparison, and
-   Loupe's figure again on 3 other seeds.
+   Loupe's figure again on 3 other seeds; then how many images the likely-mislabelled queue shows
+   (cleanlab's flagged ones) and the share of them that were flipped.
 2. Active learning on natural8: 1,000 images held out, 4 labels a class to start, 16 more a
    round for 10 rounds (3 seeds), each labelling order Loupe offers against random picks; the
    classifier is a logistic regression (scikit-learn's defaults) on standardised embeddings.
 3. Grad-CAM seconds per image on hymenoptera val, through the app's path (a Quick run's model).
+4. Near-duplicates: five copies of each hymenoptera val photo (a crop to 80-90%, a horizontal flip,
+   a rotation of up to 15 degrees, a resize to half, a JPEG recompression at quality 60) imported
+   beside the originals; recall is the share of (original, copy) pairs the near-duplicate queue
+   finds at its default thresholds, the false pair rate the share of its pairs that are different
+   photos.
 
 Embeddings live in the workspace's cache, so a second run with the same --workspace is fast.
 Prints `name: value` lines.
@@ -18,6 +24,7 @@ Prints `name: value` lines.
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 import warnings
@@ -25,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 from threadpoolctl import threadpool_limits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -49,6 +57,9 @@ AL_START_PER_CLASS = 4
 AL_STEP = 16
 AL_ROUNDS = 10
 GRADCAM_IMAGES = 50
+COPY_KINDS = ("crop", "flip", "rotate", "half", "jpeg60")
+# Separates a copy's name from its original's stem, e.g. "ants-123~flip.jpg".
+COPY_MARK = "~"
 
 
 def say(name: str, value: float | int | str) -> None:
@@ -91,6 +102,13 @@ def recall_at_n(labels: np.ndarray, probs: np.ndarray, flipped: np.ndarray) -> f
     return len(set(order[: len(flipped)].tolist()) & set(flipped.tolist())) / len(flipped)
 
 
+def flagged_and_precision(labels: np.ndarray, probs: np.ndarray, flipped: np.ndarray) -> tuple[int, float]:
+    """How many images cleanlab flags (what the likely-mislabelled queue shows), and the share of them flipped."""
+    _, _, flagged = hard.label_issue_order(labels, probs)
+    count = int(flagged.sum())
+    return count, float(np.isin(np.flatnonzero(flagged), flipped).sum() / count) if count else 0.0
+
+
 def plain_out_of_fold(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cross_val_predict(
         LogisticRegression(max_iter=2000), features, labels,
@@ -100,8 +118,9 @@ def plain_out_of_fold(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def noise_recalls(
     features: np.ndarray, labels: np.ndarray, classes: list[str], seeds: tuple[int, ...]
-) -> list[tuple[float, float]]:
-    """Per seed: recall at N of Loupe's queue and of the plain recipe, with N = the number flipped."""
+) -> list[tuple[float, float, int, float]]:
+    """Per seed: recall at N of Loupe's ranking and of the plain recipe, with N = the number flipped;
+    then how many images Loupe's queue flags and the share of them that were flipped."""
     recalls = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -109,9 +128,11 @@ def noise_recalls(
         noisy = labels.copy()
         # Each flipped image gets another class, chosen at random.
         noisy[flipped] = (labels[flipped] + rng.integers(1, len(classes), len(flipped))) % len(classes)
+        probs = hard.label_issue_probs(features, noisy, DEFAULT_BACKBONE)
         recalls.append((
-            recall_at_n(noisy, hard.label_issue_probs(features, noisy, DEFAULT_BACKBONE), flipped),
+            recall_at_n(noisy, probs, flipped),
             recall_at_n(noisy, plain_out_of_fold(features, noisy), flipped),
+            *flagged_and_precision(noisy, probs, flipped),
         ))
     return recalls
 
@@ -120,16 +141,20 @@ def label_noise(ws: Workspace, hymenoptera: Path) -> None:
     rows = [r for r in imported(ws, hymenoptera) if r["split"] == "train"]
     features = embeddings(ws, rows)
     labels, classes = as_indices([r["label"] for r in rows])
-    ours, plain = [], []
-    for seed, (recall, plain_recall) in zip(SEEDS, noise_recalls(features, labels, classes, SEEDS)):
+    ours, plain, flagged, precision = [], [], [], []
+    for seed, (recall, plain_recall, count, share) in zip(SEEDS, noise_recalls(features, labels, classes, SEEDS)):
         ours.append(recall)
         plain.append(plain_recall)
+        flagged.append(count)
+        precision.append(share)
         say(f"noise_recall_at_n_seed{seed}", recall)
     say("noise_flipped_per_seed", int(round(NOISE_FRACTION * len(labels))))
     say("noise_recall_at_n", float(np.mean(ours)))
     say("noise_recall_at_n_plain_baseline", float(np.mean(plain)))
+    say("label_issues_flagged", float(np.mean(flagged)))
+    say("label_issues_flagged_precision", float(np.mean(precision)))
     # The same on seeds the method was never looked at with, against overfitting to the three above.
-    check = [recall for recall, _ in noise_recalls(features, labels, classes, CHECK_SEEDS)]
+    check = [recall for recall, *_ in noise_recalls(features, labels, classes, CHECK_SEEDS)]
     say("noise_recall_at_n_check_seeds", float(np.mean(check)))
 
 
@@ -231,11 +256,81 @@ def gradcam_speed(ws: Workspace) -> None:
     say("gradcam_seconds_per_image", (time.perf_counter() - started) / len(timed))
 
 
+# ---------------------------------------------------------------- 4. near-duplicates
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def copies_of(image: Image.Image, rng: np.random.Generator) -> dict[str, bytes]:
+    """One copy of the photo per kind of change a near-duplicate often is, as JPEG bytes."""
+    w, h = image.size
+    keep = rng.uniform(0.8, 0.9)
+    cw, ch = int(w * keep), int(h * keep)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return {
+        "crop": _jpeg(image.crop((x, y, x + cw, y + ch))),
+        "flip": _jpeg(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        "rotate": _jpeg(image.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)),
+        "half": _jpeg(image.resize((w // 2, h // 2), Image.Resampling.BILINEAR)),
+        "jpeg60": _jpeg(image, 60),
+    }
+
+
+def near_duplicates(ws: Workspace, hymenoptera: Path) -> None:
+    db = connect(ws)
+    if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
+        rng = np.random.default_rng(0)
+        for path in sorted((hymenoptera / "val").glob("*/*.jpg")):
+            data = path.read_bytes()
+            ingest.ingest_bytes(ws, db, data, path.name, path.parent.name, "val", who="bench")
+            for kind, copy in copies_of(open_image_rgb(path), rng).items():
+                name = f"{path.stem}{COPY_MARK}{kind}.jpg"
+                ingest.ingest_bytes(ws, db, copy, name, path.parent.name, "val", who="bench")
+    rows = list(db.query("SELECT id, sha256, path, original_name FROM images ORDER BY id"))
+    features = embeddings(ws, rows)
+    hashes = hard.run_image_hashes(ws, db, np.array([r["id"] for r in rows]))
+    stems = [Path(r["original_name"]).stem.split(COPY_MARK) for r in rows]
+    photo = np.array([s[0] for s in stems], dtype=object)
+    kind = np.array([s[1] if len(s) > 1 else "original" for s in stems], dtype=object)
+    original_of = {photo[i]: i for i in np.flatnonzero(kind == "original")}
+    copies = np.flatnonzero(kind != "original")
+
+    def found(pairs: list[tuple]) -> set[tuple[int, int]]:
+        return {(i, j) for i, j, *_ in pairs}
+
+    def recall(flagged: set[tuple[int, int]], which: np.ndarray) -> float:
+        hits = [tuple(sorted((original_of[photo[c]], c))) in flagged for c in which]
+        return float(np.mean(hits))
+
+    pairs = hard.near_duplicate_pairs(features, hashes=hashes)
+    flagged = found(pairs)
+    false = sum(photo[i] != photo[j] for i, j in flagged)
+    say("near_duplicate_photos", len(original_of))
+    say("near_duplicate_copies", len(copies))
+    say("near_duplicate_similarity_threshold", hard.NEAR_DUPLICATE_SIMILARITY)
+    say("near_duplicate_hash_distance", hard.NEAR_DUPLICATE_HASH_DISTANCE)
+    for name in COPY_KINDS:
+        say(f"near_duplicate_recall_{name}", recall(flagged, copies[kind[copies] == name]))
+    say("near_duplicate_recall", recall(flagged, copies))
+    say("near_duplicate_flagged_pairs", len(flagged))
+    say("near_duplicate_false_pairs", int(false))
+    say("near_duplicate_false_pair_rate", false / len(flagged) if flagged else 0.0)
+    # Each measure alone, and the former rule (cosine 0.95, no hash), for comparison.
+    say("near_duplicate_recall_embedding_only", recall(found(hard.near_duplicate_pairs(features)), copies))
+    say("near_duplicate_recall_hash_only", recall(found(hard.near_duplicate_pairs(
+        features, hashes=hashes, threshold=2.0)), copies))
+    say("near_duplicate_recall_cosine_0_95", recall(found(hard.near_duplicate_pairs(features, threshold=0.95)), copies))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", help="a folder to keep the workspaces (and their embeddings) in")
     parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    parser.add_argument("--only", choices=("noise", "al", "gradcam"), help="run one section alone")
+    parser.add_argument("--only", choices=("noise", "al", "gradcam", "duplicates"), help="run one section alone")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     configure_threads()
@@ -248,6 +343,8 @@ def main() -> None:
             label_noise(hymenoptera_ws, datasets / "hymenoptera")
         if args.only in (None, "al"):
             active_learning(open_workspace(root / "natural8"), datasets / "natural8")
+        if args.only in (None, "duplicates"):
+            near_duplicates(open_workspace(root / "near_duplicates"), datasets / "hymenoptera")
     if args.only in (None, "gradcam"):
         gradcam_speed(hymenoptera_ws)
 

@@ -28,16 +28,9 @@ from core.backbones import configure_threads, create_backbone, get_spec  # noqa:
 from core.embeddings import EmbeddingCache  # noqa: E402
 from core.images import open_image_rgb  # noqa: E402
 from core.ingest import ImportItem, ingest_items, items_from_folder  # noqa: E402
-from core.training import (  # noqa: E402
-    PRESETS,
-    EpochMetrics,
-    Progress,
-    TrainConfig,
-    TrainDataset,
-    TrainItem,
-    dataset_from_catalog,
-    train,
-)
+from core.config import PRESETS, TrainConfig  # noqa: E402
+from core.selection import TrainDataset, TrainItem, dataset_from_catalog  # noqa: E402
+from core.training import EpochMetrics, Progress, train  # noqa: E402
 from core.workspace import connect, open_workspace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,8 @@ import timm
 import torch
 from torch import nn
 
+from core.config import DEFAULT_BACKBONE
 from core.errors import LoupeError
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from sqlite_utils import Database
 
+from core import images, selection
 from core.errors import LoupeError
 
 SPLITS = ("train", "val", "test")
@@ -41,6 +42,19 @@ def set_setting(db: Database, key: str, value: Any) -> None:
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         [key, json.dumps(value)],
     )
+
+
+def decode_budget_bytes(db: Database) -> int:
+    """How much memory decoding one image may take in this workspace (see `images.decode_cost`):
+    import and every later decode refuse an image above it."""
+    try:
+        return images.check_decode_budget(get_setting(db, "decode_budget_bytes", images.DEFAULT_DECODE_BUDGET_BYTES))
+    except LoupeError as exc:
+        raise LoupeError(f"This workspace's decode budget setting is invalid: set it again. {exc}") from None
+
+
+def set_decode_budget_bytes(db: Database, budget_bytes: int) -> None:
+    set_setting(db, "decode_budget_bytes", images.check_decode_budget(budget_bytes))
 
 
 def split_fractions(db: Database) -> dict[str, float]:
@@ -96,9 +110,14 @@ class ImageFilter:
     unlabelled: bool = False
     split: str | None = None
     name_contains: str | None = None
+    # Only these images (similar ones, a selection on the map); any number, bound as one JSON parameter.
+    image_ids: tuple[int, ...] | None = None
 
     def where(self) -> tuple[str, list]:
         clauses, params = [], []
+        if self.image_ids is not None:
+            clauses.append("images.id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(self.image_ids)))
         if self.unlabelled:
             clauses.append("labels.class_id IS NULL")
         elif self.class_name is not None:
@@ -146,10 +165,10 @@ def image_ids(db: Database, image_filter: ImageFilter = ImageFilter()) -> list[i
 
 
 def next_unlabelled_image_id(db: Database, after_id: int = 0) -> int | None:
-    """The first unlabelled image after `after_id`, wrapping around to the start."""
+    """The first image awaiting a label (see core.selection) after `after_id`, wrapping around to the start."""
     sql = (
-        "SELECT images.id FROM images LEFT JOIN labels ON labels.image_id = images.id "
-        "WHERE labels.class_id IS NULL AND images.id > ? ORDER BY images.id LIMIT 1"
+        f"SELECT images.id FROM images {selection.AWAITING_LABEL_JOIN} "
+        f"WHERE {selection.AWAITING_LABEL_WHERE} AND images.id > ? ORDER BY images.id LIMIT 1"
     )
     row = next(db.query(sql, [after_id]), None) or next(db.query(sql, [0]), None)
     return row["id"] if row else None
@@ -178,7 +197,17 @@ def class_names(db: Database) -> list[str]:
 
 
 def _class_row(db: Database, name: str) -> dict | None:
-    return next(db.query("SELECT * FROM classes WHERE name = ?", [name]), None)
+    # "Bees" is the class bees: names match case-insensitively, an exact match first.
+    return next(
+        db.query("SELECT * FROM classes WHERE name = ? COLLATE NOCASE ORDER BY name = ? DESC, id LIMIT 1", [name, name]),
+        None,
+    )
+
+
+def matching_class_name(db: Database, name: str) -> str | None:
+    """The existing class a typed name stands for (trimmed, any case), None for a new one."""
+    row = _class_row(db, clean_class_name(name))
+    return row["name"] if row else None
 
 
 def clean_class_name(name: str) -> str:
@@ -208,12 +237,15 @@ def require_class(db: Database, name: str) -> dict:
     return row
 
 
-def rename_class(db: Database, old: str, new: str) -> None:
+def rename_class(db: Database, old: str, new: str, *, who: str = "anonymous") -> None:
     new = clean_class_name(new)
     row = require_class(db, old)
-    if new != old and _class_row(db, new):
-        raise LoupeError(f"A class named {new!r} already exists: merge the two instead.")
-    db.execute("UPDATE classes SET name = ? WHERE id = ?", [new, row["id"]])
+    existing = _class_row(db, new)
+    if existing and existing["id"] != row["id"]:
+        raise LoupeError(f"A class named {existing['name']!r} already exists: merge the two instead.")
+    with write_transaction(db):
+        db.execute("UPDATE classes SET name = ? WHERE id = ?", [new, row["id"]])
+        _record_class_change(db, "rename", row["id"], {"old": row["name"], "new": new}, who)
 
 
 def merge_classes(db: Database, source: str, target: str, who: str) -> int:
@@ -225,12 +257,61 @@ def merge_classes(db: Database, source: str, target: str, who: str) -> int:
     with write_transaction(db):
         _set_labels(db, ids, dst["id"], who, reason=f"merge {source} into {target}")
         db.execute("UPDATE classes SET archived = 1 WHERE id = ?", [src["id"]])
+        details = {"source": src["name"], "target": dst["name"], "target_id": dst["id"], "image_ids": ids}
+        _record_class_change(db, "merge", src["id"], details, who)
     return len(ids)
 
 
-def archive_class(db: Database, name: str, archived: bool = True) -> None:
+def archive_class(db: Database, name: str, archived: bool = True, *, who: str = "anonymous") -> None:
     row = require_class(db, name)
-    db.execute("UPDATE classes SET archived = ? WHERE id = ?", [int(archived), row["id"]])
+    with write_transaction(db):
+        db.execute("UPDATE classes SET archived = ? WHERE id = ?", [int(archived), row["id"]])
+        _record_class_change(db, "archive", row["id"], {"name": row["name"], "archived": archived}, who)
+
+
+def _record_class_change(db: Database, action: str, class_id: int, details: dict, who: str) -> None:
+    db.execute(
+        "INSERT INTO class_changes (action, class_id, details, who, at) VALUES (?, ?, ?, ?, ?)",
+        [action, class_id, json.dumps(details), (who or "").strip() or "anonymous", now()],
+    )
+
+
+def last_class_change(db: Database) -> dict | None:
+    """The most recent rename, merge or archive not yet undone, its details decoded."""
+    row = next(db.query("SELECT * FROM class_changes WHERE undone_at IS NULL ORDER BY id DESC LIMIT 1"), None)
+    return {**row, "details": json.loads(row["details"])} if row else None
+
+
+def undo_class_change(db: Database, change_id: int, *, who: str) -> str:
+    """Reverse one rename, merge or archive; returns what was done, in words."""
+    who = (who or "").strip() or "anonymous"
+    row = next(db.query("SELECT * FROM class_changes WHERE id = ? AND undone_at IS NULL", [change_id]), None)
+    if row is None:
+        raise LoupeError("That class change is already undone.")
+    details = json.loads(row["details"])
+    with write_transaction(db):
+        if row["action"] == "rename":
+            taken = _class_row(db, details["old"])
+            if taken and taken["id"] != row["class_id"]:
+                raise LoupeError(f"A class named {taken['name']!r} exists again: rename or merge it first.")
+            db.execute("UPDATE classes SET name = ? WHERE id = ?", [details["old"], row["class_id"]])
+            done = f"Renamed {details['new']!r} back to {details['old']!r}."
+        elif row["action"] == "merge":
+            # Only images still carrying the merge's label go back: later relabels stand.
+            still = [
+                r["image_id"] for r in db.query(
+                    f"SELECT image_id FROM labels WHERE class_id = ? AND image_id IN ({','.join('?' * len(details['image_ids']))})",
+                    [details["target_id"], *details["image_ids"]],
+                )
+            ] if details["image_ids"] else []
+            _set_labels(db, still, row["class_id"], who, reason=f"undo merge {details['source']} into {details['target']}")
+            db.execute("UPDATE classes SET archived = 0 WHERE id = ?", [row["class_id"]])
+            done = f"Moved {len(still)} labels back to {details['source']!r}."
+        else:
+            db.execute("UPDATE classes SET archived = ? WHERE id = ?", [int(not details["archived"]), row["class_id"]])
+            done = f"{'Restored' if details['archived'] else 'Archived'} {details['name']!r} again."
+        db.execute("UPDATE class_changes SET undone_at = ? WHERE id = ?", [now(), change_id])
+    return done
 
 
 # ---------------------------------------------------------------- labels and splits
@@ -307,10 +388,72 @@ def undo_last_label(db: Database, who: str) -> int | None:
     return last["image_id"]
 
 
+def apply_label_event(
+    db: Database, event_id: str, image_ids: list[int], class_name: str | None, *, who: str
+) -> dict:
+    """Label `image_ids` as `class_name` once per `event_id`, however often the event arrives.
+
+    Returns the event's record (`error` says why it was refused); `fresh` is true only for the call
+    that applied it. A refused event is recorded too, so its sender stops resending it.
+    """
+    def label() -> None:
+        set_labels(db, image_ids, class_name, who)
+
+    return _apply_once(db, event_id, who, label)
+
+
+def apply_undo_event(db: Database, event_id: str, *, who: str) -> dict:
+    """`undo_last_label` once per `event_id`; the record's `image_id` is the image put back."""
+    return _apply_once(db, event_id, who, lambda: undo_last_label(db, who))
+
+
+def _apply_once(db: Database, event_id: str, who: str, action) -> dict:
+    who = (who or "").strip() or "anonymous"
+    with write_transaction(db):
+        done = next(db.query("SELECT * FROM applied_label_events WHERE event_id = ?", [event_id]), None)
+        if done:
+            return {**done, "fresh": False}
+        image_id, error = None, None
+        try:
+            with db.atomic():  # a savepoint: a refused event changes nothing but its own record
+                image_id = action()
+        except LoupeError as exc:
+            error = str(exc)
+        record = {"event_id": event_id, "who": who, "image_id": image_id, "error": error, "applied_at": now()}
+        db.execute(
+            "INSERT INTO applied_label_events (event_id, who, image_id, error, applied_at) "
+            "VALUES (:event_id, :who, :image_id, :error, :applied_at)",
+            record,
+        )
+    return {**record, "fresh": True}
+
+
+def unlabelled_image_ids_after(db: Database, after_id: int, *, limit: int) -> list[int]:
+    """Up to `limit` unlabelled images in catalog order after `after_id`, wrapping around to the start."""
+    sql = (
+        "SELECT images.id FROM images LEFT JOIN labels ON labels.image_id = images.id "
+        "WHERE labels.class_id IS NULL AND images.id {} ? ORDER BY images.id LIMIT ?"
+    )
+    ids = [r["id"] for r in db.query(sql.format(">"), [after_id, limit])]
+    if len(ids) < limit:
+        ids += [r["id"] for r in db.query(sql.format("<="), [after_id, limit - len(ids)])]
+    return ids
+
+
 def current_run_id(db: Database) -> int | None:
     """The run whose model is current (see `core.jobs`), if any."""
     row = next(db.query("SELECT id FROM runs WHERE is_current = 1"), None)
     return row["id"] if row else None
+
+
+def current_predictions(db: Database) -> dict[int, tuple[str, float]]:
+    """The current model's predicted class and its probability, per image it predicted."""
+    rows = db.query(
+        "SELECT p.image_id, classes.name, p.probs FROM predictions p "
+        "JOIN classes ON classes.id = p.predicted_class_id WHERE p.run_id = ?",
+        [current_run_id(db)],
+    )
+    return {r["image_id"]: (r["name"], float(max(json.loads(r["probs"])))) for r in rows}
 
 
 def label_history(db: Database, image_id: int) -> list[dict]:
@@ -424,3 +567,47 @@ def write_transaction(db: Database) -> Iterator[Database]:
         db.conn.rollback()
         raise
     db.execute("COMMIT")
+
+
+# ---------------------------------------------------------------- imports
+
+
+def insert_new_image(db: Database, row: dict) -> int | None:
+    """Insert an image row; None when an image with the same sha256 is already there (another import won)."""
+    cursor = db.execute(
+        "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at) "
+        "VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at) "
+        "ON CONFLICT(sha256) DO NOTHING",
+        {"added_at": now(), **row},
+    )
+    return cursor.lastrowid if cursor.rowcount == 1 else None
+
+
+def add_import_conflict(db: Database, image_id: int, claimed_label: str, *, source_name: str) -> None:
+    """Keep an imported copy's disagreeing label for a person to decide; the catalog's label stays.
+
+    Importing the same copy again adds nothing while the first disagreement is still open."""
+    db.execute(
+        "INSERT INTO import_conflicts (image_id, claimed_label, source_name, at) SELECT ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM import_conflicts WHERE image_id = ? AND claimed_label = ? "
+        "AND resolved_at IS NULL)",
+        [image_id, claimed_label, source_name, now(), image_id, claimed_label],
+    )
+
+
+def open_import_conflicts(db: Database) -> list[dict]:
+    """Conflicts not yet resolved whose image still carries another label than the one claimed, oldest first."""
+    return list(
+        db.query(
+            "SELECT import_conflicts.id, import_conflicts.image_id, classes.name AS label, "
+            "import_conflicts.claimed_label, import_conflicts.source_name, import_conflicts.at "
+            "FROM import_conflicts LEFT JOIN labels ON labels.image_id = import_conflicts.image_id "
+            "LEFT JOIN classes ON classes.id = labels.class_id "
+            "WHERE import_conflicts.resolved_at IS NULL AND classes.name IS NOT import_conflicts.claimed_label "
+            "ORDER BY import_conflicts.id"
+        )
+    )
+
+
+def resolve_import_conflict(db: Database, conflict_id: int) -> None:
+    db.execute("UPDATE import_conflicts SET resolved_at = ? WHERE id = ?", [now(), conflict_id])

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.auth import ROLES
+from core.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
 from core.errors import LoupeError
 from core.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV
 
@@ -16,22 +18,87 @@ APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    env = {**os.environ, WORKSPACE_ENV: str(Path(args.workspace).resolve())}
-    command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port)]
-    return subprocess.call(command, env=env, cwd=APP.parent.parent)
+    from core import accounts, serve
+    from core.workspace import connect, open_workspace
+
+    ws = open_workspace(args.workspace)
+    db = connect(ws)
+    try:
+        has_accounts = accounts.has_password_accounts(db)
+    finally:
+        db.close()
+    app_root = APP.parent.parent
+    mode = serve.choose_mode(args.host, oidc=serve.oidc_configured(serve.secrets_files(app_root)),
+                             accounts=has_accounts, no_sign_in=args.no_sign_in, sign_in=args.sign_in)
+    roots = args.import_root if args.import_root is not None else serve.default_import_roots(mode)
+    env = {**os.environ, WORKSPACE_ENV: str(ws.root.resolve()), **serve.serve_environment(mode=mode, import_roots=roots)}
+    if mode == serve.OPEN:
+        print(f"warning: no sign-in: anyone who can reach {args.host}:{args.port} can change or delete this "
+              "workspace", file=sys.stderr)
+    return subprocess.call(serve.streamlit_command(sys.executable, APP, host=args.host, port=args.port),
+                           env=env, cwd=app_root)
+
+
+# The command line is run by whoever can already read and write the workspace on disk.
+CLI_ACTOR_NAME = "command line"
+
+
+def _read_new_password(args: argparse.Namespace) -> str | None:
+    import getpass
+
+    if args.no_password:
+        return None
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Same password again: ") != password:
+        raise LoupeError("The two passwords differ: run the command again.")
+    return password
+
+
+def _users(args: argparse.Namespace) -> int:
+    from core import accounts
+    from core.auth import ADMIN, Actor
+    from core.workspace import connect, open_workspace
+
+    db = connect(open_workspace(args.workspace))
+    by = Actor(CLI_ACTOR_NAME, ADMIN)
+    try:
+        if args.users_command == "add":
+            user = accounts.add_user(db, args.email, role=args.role, by=by, password=_read_new_password(args))
+            print(f"added {user['email']} as {user['role']}")
+        elif args.users_command == "list":
+            for user in accounts.list_users(db):
+                sign_in = "password" if user["password"] else "identity provider"
+                print(f"{user['email']}\t{user['role']}\t{sign_in}")
+        elif args.users_command == "set-role":
+            accounts.set_role(db, args.email, role=args.role, by=by)
+            print(f"{accounts.normalise_email(args.email)} is now {args.role}")
+        elif args.users_command == "set-password":
+            accounts.set_password(db, args.email, password=_read_new_password(args), by=by)
+            print(f"password changed for {accounts.normalise_email(args.email)}")
+        elif args.users_command == "remove":
+            accounts.remove_user(db, args.email, by=by)
+            print(f"removed {accounts.normalise_email(args.email)}")
+    finally:
+        db.close()
+    return 0
 
 
 def _import(args: argparse.Namespace) -> int:
     from core import ingest
     from core.workspace import connect, open_workspace
 
+    if not args.source.strip():
+        raise LoupeError("Name a folder, a .zip or a list file to import.")
     ws = open_workspace(args.workspace)
     db = connect(ws)
-    items = ingest.items_from_path(args.source)
+    # In a terminal a relative path means the current folder, as in any other command.
+    items = ingest.items_from_path(os.path.abspath(os.path.expanduser(args.source)))
     outcomes = ingest.ingest_items(ws, db, items, who=args.who)
     for outcome in outcomes:
-        if outcome.status == "rejected":
-            print(f"rejected {outcome.name}: {outcome.reason}", file=sys.stderr)
+        if outcome.status in ("rejected", "conflict", "skipped"):
+            print(f"{outcome.status} {outcome.name}: {outcome.reason}", file=sys.stderr)
     for name, count in ingest.summarise(outcomes).items():
         print(f"{name}: {count}")
     return 0
@@ -39,7 +106,6 @@ def _import(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from core import jobs
-    from core.training import PRESETS
     from core.workspace import connect, open_workspace
 
     ws = open_workspace(args.workspace)
@@ -51,7 +117,11 @@ def _train(args: argparse.Namespace) -> int:
     seconds = jobs.run_seconds(run)
     print(f"run_id: {run_id}")
     print(f"status: {run['status']}")
-    for name in ("val_accuracy", "val_macro_f1"):
+    figures = ["val_accuracy", "val_macro_f1", "val_accuracy_ci_low", "val_accuracy_ci_high"]
+    # The test figures are the honest ones (the validation images also chose the best epoch).
+    if metrics.get("test_accuracy") is not None:
+        figures += ["test_accuracy", "test_macro_f1", "test_accuracy_ci_low", "test_accuracy_ci_high"]
+    for name in figures:
         print(f"{name}: {metrics[name]:.4f}" if metrics.get(name) is not None else f"{name}: n/a")
     print(f"seconds: {seconds:.2f}" if seconds is not None else "seconds: n/a")
     if run["error"]:
@@ -107,16 +177,41 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     # onnxruntime, numpy and Pillow only: predicting with a bundle never loads PyTorch.
-    import zipfile
+    from core.bundle_predict import BundlePredictor, printable, report
 
-    from core.bundle_predict import BundlePredictor, report
+    if args.workspace is None:
+        if len(args.files) < 2:
+            raise LoupeError("Give a bundle .zip and the images to classify (or --workspace W and the images).")
+        if args.run is not None:
+            raise LoupeError("--run chooses a workspace's run: give --workspace too, or leave --run out.")
+        predictor = BundlePredictor.from_zip(args.files[0], int8=args.int8)
+        classes, predictions = predictor.classes, predictor.predict_files(args.files[1:])
+    else:
+        if args.int8:
+            raise LoupeError("--int8 chooses a bundle's int8 model: with --workspace the run's PyTorch model predicts.")
+        bundles = [path for path in args.files if path.lower().endswith(".zip")]
+        if bundles:
+            raise LoupeError(
+                f"With --workspace, give images only ({printable(bundles[0])} is a .zip): drop one of the two."
+            )
+        from core.export import predict_with_run
+        from core.workspace import Workspace, connect, open_workspace
 
+        if not Workspace(Path(args.workspace)).catalog_path.is_file():
+            raise LoupeError(
+                f"{printable(args.workspace)} is not a Loupe workspace: give the folder `loupe serve` uses."
+            )
+        ws = open_workspace(args.workspace)
+        db = connect(ws)
+        try:
+            classes, predictions = predict_with_run(ws, db, args.files, run_id=args.run)
+        finally:
+            db.close()
     try:
-        predictor = BundlePredictor.from_zip(args.bundle, int8=args.int8)
-        report(predictor.predict_files(args.images), args.csv)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise LoupeError(str(exc)) from None
-    return 0
+        report(predictions, classes, args.csv)
+    except OSError as exc:
+        raise LoupeError(f"Cannot write {printable(args.csv)}: {exc.strerror}.") from None
+    return 1 if any(prediction.error for prediction in predictions) else 0
 
 
 def _backup(args: argparse.Namespace) -> int:
@@ -148,22 +243,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", _serve, "start the dashboard")
     serve.add_argument("--port", type=int, default=8501)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; anything but loopback (e.g. 0.0.0.0) needs sign-in set up")
+    serve.add_argument("--sign-in", action="store_true",
+                       help="require sign-in on 127.0.0.1 too (behind a reverse proxy on this machine)")
+    serve.add_argument("--no-sign-in", action="store_true",
+                       help="listen on a public address without sign-in (everyone can do everything)")
+    serve.add_argument("--import-root", action="append", type=Path, metavar="FOLDER",
+                       help="a folder the app may import images from (repeatable; "
+                            "default: your home folder on 127.0.0.1, none on a public address)")
 
-    imp = command("import", _import, "import an ImageFolder tree or a `path label` list file")
-    imp.add_argument("source", help="a folder (root/<class>/<image>) or a list file of `path label` lines")
+    users = command("users", _users, "manage who may sign in to the dashboard and their roles")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    users_workspace = argparse.ArgumentParser(add_help=False)
+    users_workspace.add_argument("--workspace", default=argparse.SUPPRESS)
+    new_password = argparse.ArgumentParser(add_help=False)
+    new_password.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    users_add = users_commands.add_parser("add", parents=[users_workspace, new_password],
+                                          help="add a user (password prompted for)")
+    users_add.add_argument("email")
+    users_add.add_argument("--role", required=True, choices=ROLES)
+    users_add.add_argument("--no-password", action="store_true",
+                           help="no password: the user signs in through the identity provider")
+    users_commands.add_parser("list", parents=[users_workspace], help="list users and their roles")
+    users_set_role = users_commands.add_parser("set-role", parents=[users_workspace], help="change a user's role")
+    users_set_role.add_argument("email")
+    users_set_role.add_argument("role", choices=ROLES)
+    users_set_password = users_commands.add_parser("set-password", parents=[users_workspace, new_password],
+                                                   help="give a user a new password (ends their sessions)")
+    users_set_password.add_argument("email")
+    users_set_password.set_defaults(no_password=False)
+    users_remove = users_commands.add_parser("remove", parents=[users_workspace], help="remove a user")
+    users_remove.add_argument("email")
+
+    imp = command("import", _import, "import an ImageFolder tree, a .zip of one, or a `path label` list file")
+    imp.add_argument("source", help="a folder (root/<class>/<image>), a .zip, or a list file of `path label` lines")
     imp.add_argument("--who", default="import", help="name recorded with the labels")
 
     train = command("train", _train, "train a classifier on the labelled images and print its validation figures")
-    train.add_argument("--preset", choices=("quick", "thorough"), default="quick")
+    train.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                       help=" ".join(PRESET_DESCRIPTIONS.get(name, "") for name in PRESETS))
 
     export = command("export", _export, "export a run's model as a verified ONNX bundle (.zip)")
     export.add_argument("--out", required=True, help="the bundle file to write, e.g. model.zip")
     export.add_argument("--run", type=int, help="the run to export (default: the current model)")
     export.add_argument("--int8", action="store_true", help="also add an int8 quantised model")
 
-    predict = command("predict", _predict, "classify images with an exported bundle (needs no PyTorch)")
-    predict.add_argument("bundle", help="a bundle .zip written by `loupe export`")
-    predict.add_argument("images", nargs="+")
+    predict = command("predict", _predict, "classify images with an exported bundle (no PyTorch needed) "
+                      "or with a workspace's model; both print the same columns")
+    predict.usage = (
+        "loupe predict BUNDLE.zip IMAGE [IMAGE ...] [--int8] [--csv F]\n"
+        "       loupe predict --workspace W [--run N] IMAGE [IMAGE ...] [--csv F]"
+    )
+    # Only an explicit --workspace makes the workspace's model predict; otherwise the first file is a bundle.
+    predict.set_defaults(workspace=None)
+    predict.add_argument("files", nargs="+", metavar="FILE",
+                         help="a bundle .zip written by `loupe export`, then the images (only images with --workspace)")
+    predict.add_argument("--run", type=int,
+                         help="with --workspace: the run whose model predicts (default: the current model)")
     predict.add_argument("--csv", help="also write the results to this CSV file")
     predict.add_argument("--int8", action="store_true", help="use the bundle's int8 model")
 

@@ -11,6 +11,7 @@ import csv
 import io
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from sqlite_utils import Database
 
@@ -80,8 +81,13 @@ def label_history_rows(db: Database) -> list[dict]:
     )
 
 
-def export_dataset(ws: Workspace, db: Database, out_path: str | Path) -> dict[str, int]:
-    """Write the dataset zip atomically; returns counts (images, labelled, excluded, bytes)."""
+def export_dataset(
+    ws: Workspace, db: Database, out_path: str | Path, *, on_progress: Callable[[int, int], None] | None = None
+) -> dict[str, int]:
+    """Write the dataset zip atomically; returns counts (images, labelled, excluded, bytes).
+
+    `on_progress(images_written, images)` after each image; an exception it raises stops the export
+    and leaves no zip behind."""
     out_path = Path(out_path)
     rows = _catalog_rows(db)
     history = label_history_rows(db)
@@ -96,6 +102,8 @@ def export_dataset(ws: Workspace, db: Database, out_path: str | Path) -> dict[st
                 raise LoupeError(f"Image #{row['id']}'s file {row['path']} is missing; nothing was exported.")
             archive.write(source, name, compress_type=zipfile.ZIP_STORED)
             manifest.append({**row, "file": name, "excluded": int(row["excluded"])})
+            if on_progress:
+                on_progress(len(manifest), len(rows))
         archive.writestr(MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest), zipfile.ZIP_DEFLATED)
         history_columns = ["event", "sha256", "original_name", "old_label", "new_label", "who", "at", "reason"]
         archive.writestr(LABEL_HISTORY, _csv_bytes(history_columns, history), zipfile.ZIP_DEFLATED)

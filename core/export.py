@@ -29,11 +29,10 @@ from PIL import Image
 from sqlite_utils import Database
 from torch import nn
 
-from core import bundle_predict, jobs, metrics, model_card
+from core import bundle_predict, catalog, images, jobs, metrics, model_card
 from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
-from core.images import open_image_rgb
 from core.workspace import Workspace, atomic_file
 
 INPUT_NAME = "input"
@@ -48,6 +47,8 @@ SPEED_THREADS = 2
 # EfficientNet-Lite's stem and first block: a convolution, then a depthwise and a pointwise one.
 FLOAT_LEADING_CONVS = 3
 PREDICT_SCRIPT = "predict.py"
+# The bundle's predict.py imports the decoder under this name, from beside itself.
+IMAGES_MODULE = bundle_predict.IMAGES_MODULE_FILE
 MODEL_CARD = "model_card.md"
 CONFUSION_IMAGE = "confusion_matrix.png"
 
@@ -144,10 +145,14 @@ def exportable_run(db: Database, run_id: int | None) -> dict:
 # ---------------------------------------------------------------- ONNX
 
 
-def preprocess_config(preprocessing: Preprocessing) -> dict:
-    """`preprocess.json`: everything between an RGB image and the model's input, for any runtime."""
+def preprocess_config(
+    preprocessing: Preprocessing, *, decode_budget_bytes: int = images.DEFAULT_DECODE_BUDGET_BYTES
+) -> dict:
+    """`preprocess.json`: everything between an image file and the model's input, for any runtime."""
     return {
         **preprocessing.to_dict(),
+        "decode": "images.py: EXIF orientation applied, 16-bit and float scaled to 8-bit, transparency on white, RGB",
+        "decode_budget_bytes": decode_budget_bytes,
         "mean": list(preprocessing.mean),
         "std": list(preprocessing.std),
         "resize": "shorter side to resize_size, aspect ratio kept",
@@ -211,27 +216,47 @@ def export_onnx(trained: TrainedModel, path: Path, metadata: dict[str, str]) -> 
 
 
 def torch_probabilities(
-    trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE
+    trained: TrainedModel, rgb_images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE
 ) -> np.ndarray:
     """What the dashboard computes: the run's own eval transform, the PyTorch model, softmax."""
     transform = trained.preprocessing.eval_transform()
     trained.model.eval()
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(image) for image in images[start : start + batch_size]])
+        for start in range(0, len(rgb_images), batch_size):
+            batch = torch.stack([transform(image) for image in rgb_images[start : start + batch_size]])
             outputs.append(torch.softmax(trained.model(batch), dim=1).numpy())
     return np.concatenate(outputs)
 
 
+def bundle_probabilities(
+    predictor: bundle_predict.BundlePredictor, paths: list[Path], *, batch_size: int
+) -> np.ndarray:
+    """What `loupe predict` gives for stored images; one that cannot be decoded stops the export."""
+    predictions = predictor.predict_files(paths, batch_size=batch_size)
+    failed = next((p for p in predictions if p.error), None)
+    if failed:
+        raise LoupeError(
+            f"The export cannot be verified: the stored image {failed.file} cannot be read ({failed.error})."
+        )
+    return np.stack([p.probabilities for p in predictions])
+
+
 def verify_export(
-    onnx_path: Path, trained: TrainedModel, images: list[Image.Image], batch_size: int = PARITY_BATCH_SIZE
+    onnx_path: Path,
+    trained: TrainedModel,
+    paths: list[Path],
+    *,
+    config: dict | None = None,
+    batch_size: int = PARITY_BATCH_SIZE,
 ) -> tuple[ExportChecks, np.ndarray]:
-    """Check the file and compare onnxruntime (with the bundle's preprocessing) against PyTorch.
+    """Check the file and compare the bundle's way (each stored file decoded, preprocessed and run
+    by bundle_predict with onnxruntime, as `loupe predict` does) against the training way (the
+    same files decoded for PyTorch and its eval transform).
 
     Returns the checks and onnxruntime's probabilities; raises LoupeError when any check fails.
     """
-    if not images:
+    if not paths:
         raise LoupeError("The run has no labelled images to verify the exported model on.")
     model = onnx.load(str(onnx_path))
     try:
@@ -239,17 +264,17 @@ def verify_export(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise LoupeError(f"The exported ONNX model is invalid, so it is not offered: {exc}") from None
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    predictor = bundle_predict.BundlePredictor.load(
-        str(onnx_path), trained.classes, preprocess_config(trained.preprocessing)
-    )
-    reference = torch_probabilities(trained, images)
-    single = np.concatenate([predictor.predict_images([image], batch_size=1) for image in images])
-    batched = predictor.predict_images(images, batch_size=batch_size)
+    config = config or preprocess_config(trained.preprocessing)
+    predictor = bundle_predict.BundlePredictor.load(onnx_path.read_bytes(), trained.classes, config)
+    budget = config["decode_budget_bytes"]
+    reference = torch_probabilities(trained, [images.open_image_rgb(path, budget_bytes=budget) for path in paths])
+    single = bundle_probabilities(predictor, paths, batch_size=1)
+    batched = bundle_probabilities(predictor, paths, batch_size=batch_size)
     checks = ExportChecks(
         checker="passed",
         opset=opset,
-        images=len(images),
-        batch_size=min(batch_size, len(images)),
+        images=len(paths),
+        batch_size=min(batch_size, len(paths)),
         batch1_max_abs_diff=float(np.abs(single - reference).max()),
         batch_n_max_abs_diff=float(np.abs(batched - reference).max()),
         same_classes=bool(
@@ -346,6 +371,27 @@ def predict_script() -> bytes:
     return Path(bundle_predict.__file__).read_bytes()
 
 
+def images_module() -> bytes:
+    """The bundle's images.py is Loupe's own decoder, so Loupe and the bundle decode alike."""
+    return Path(images.__file__).read_bytes()
+
+
+def predict_with_run(
+    ws: Workspace, db: Database, paths: list[str | Path], *, run_id: int | None = None
+) -> tuple[list[str], list[bundle_predict.FilePrediction]]:
+    """What `loupe predict --workspace` reports: a run's PyTorch model (the current one by default)
+    on image files, decoded as on import; the same outcomes a bundle of the run gives."""
+    run = exportable_run(db, run_id)
+    trained = load_run_model(ws, run["id"])
+    config = {"decode_budget_bytes": catalog.decode_budget_bytes(db)}
+    predictions = bundle_predict.predict_paths(
+        paths,
+        lambda path: bundle_predict.load_image(path, config),
+        lambda rgb: torch_probabilities(trained, rgb),
+    )
+    return trained.classes, predictions
+
+
 def export_run(
     ws: Workspace,
     db: Database,
@@ -371,17 +417,17 @@ def export_run(
     val_rows = [r for r in snapshot if r["split"] == "val" and r["label"] in index][:MAX_CHECK_IMAGES]
     if not val_rows:
         raise LoupeError(f"Run #{run_id} has no validation images, so its export cannot be verified.")
-    val_images = [open_image_rgb(ws.root / r["path"]) for r in val_rows]
+    val_paths = [ws.root / r["path"] for r in val_rows]
     val_labels = np.array([index[r["label"]] for r in val_rows])
     metadata = onnx_metadata(trained, run_id, dataset_hash)
-    config = preprocess_config(trained.preprocessing)
+    config = preprocess_config(trained.preprocessing, decode_budget_bytes=catalog.decode_budget_bytes(db))
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / bundle_predict.MODEL_FILE
         step("Exporting to ONNX")
         export_onnx(trained, fp32_path, metadata)
-        step(f"Checking onnxruntime against PyTorch on {len(val_images)} validation images")
-        checks, probs = verify_export(fp32_path, trained, val_images)
+        step(f"Checking onnxruntime against PyTorch on {len(val_paths)} validation images")
+        checks, probs = verify_export(fp32_path, trained, val_paths, config=config)
         val_accuracy = float((probs.argmax(1) == val_labels).mean())
         members = {bundle_predict.MODEL_FILE: fp32_path.read_bytes()}
 
@@ -393,12 +439,12 @@ def export_run(
             stride = max(1, len(train_rows) // MAX_CALIBRATION_IMAGES)
             calibration_rows = (train_rows or val_rows)[::stride][:MAX_CALIBRATION_IMAGES]
             calibration = [
-                bundle_predict.preprocess(open_image_rgb(ws.root / r["path"]), config)[None]
+                bundle_predict.preprocess(bundle_predict.load_image(ws.root / r["path"], config), config)[None]
                 for r in calibration_rows
             ]
             quantise_int8(fp32_path, int8_path, calibration, metadata)
             figures = compare_int8(
-                fp32_path, int8_path, trained.classes, config, val_images, val_labels, len(calibration)
+                fp32_path, int8_path, trained.classes, config, val_paths, val_labels, len(calibration)
             )
             members[bundle_predict.INT8_MODEL_FILE] = int8_path.read_bytes()
 
@@ -431,6 +477,7 @@ def export_run(
         MODEL_CARD: card.encode(),
         CONFUSION_IMAGE: model_card.confusion_png(val_metrics.confusion, trained.classes),
         PREDICT_SCRIPT: predict_script(),
+        IMAGES_MODULE: images_module(),
     }
     _write_zip_atomically(out_path, members)
     return ExportReport(
@@ -451,15 +498,16 @@ def compare_int8(
     int8_path: Path,
     classes: list[str],
     config: dict,
-    images: list[Image.Image],
+    paths: list[Path],
     labels: np.ndarray,
     calibration_images: int,
 ) -> Int8Figures:
-    fp32 = bundle_predict.BundlePredictor.load(str(fp32_path), classes, config, threads=SPEED_THREADS)
-    quantised = bundle_predict.BundlePredictor.load(str(int8_path), classes, config, threads=SPEED_THREADS)
-    fp32_classes = fp32.predict_images(images).argmax(1)
-    int8_classes = quantised.predict_images(images).argmax(1)
-    batch = np.stack([bundle_predict.preprocess(image, config) for image in images[:SPEED_BATCH_SIZE]])
+    fp32 = bundle_predict.BundlePredictor.load(fp32_path.read_bytes(), classes, config, threads=SPEED_THREADS)
+    quantised = bundle_predict.BundlePredictor.load(int8_path.read_bytes(), classes, config, threads=SPEED_THREADS)
+    rgb = [fp32.load_image(path) for path in paths]
+    fp32_classes = fp32.predict_images(rgb).argmax(1)
+    int8_classes = quantised.predict_images(rgb).argmax(1)
+    batch = np.stack([bundle_predict.preprocess(image, config) for image in rgb[:SPEED_BATCH_SIZE]])
     return Int8Figures(
         fp32_accuracy=float((fp32_classes == labels).mean()),
         int8_accuracy=float((int8_classes == labels).mean()),

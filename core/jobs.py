@@ -1,9 +1,20 @@
-"""Training runs as catalog records: queueing, launching and watching the worker, cancelling, promoting.
+"""Long jobs as catalog records: queueing, the worker that takes them, watching, cancelling, promoting.
 
-A run is a `runs` row. `create_run` snapshots exactly which images, labels and splits it will
-train on (`run_items`), so labelling afterwards changes nothing in it. A separate process,
-`python -m core.worker RUN_ID`, claims it and writes progress, epochs and results back; this
-module holds every read and write of those records, for the worker and for the pages alike.
+Every long job is a `runs` row with a `kind`: a training run (`train`), or an export, a dataset
+export, a backup or an embedding of the whole catalog, with what to do in `params` and what it
+made in `result`. They share one lifecycle (`RunStatus`): queued, running, cancelling, then
+succeeded, failed or cancelled, with progress, a heartbeat and the failure's reason.
+
+`create_run` snapshots exactly which images, labels and splits a training run will train on
+(`run_items`, see core.selection), so labelling afterwards changes nothing in it. The row keeps
+the config asked for (`config`) and, once it succeeded, the config as it trained
+(`resolved_config`), which `run_config` reads for every later stage.
+
+A long-lived worker process, `python -m core.worker --serve`, takes queued jobs one at a time
+(claiming each in a write transaction) and writes progress and results back. Whoever queues a job
+calls `start_next_queued`, which starts a worker when none is alive; the worker keeps PyTorch, the
+backbone and recent embeddings loaded between jobs and exits after some idle minutes. This module
+holds every read and write of those records, for the worker and for the pages alike.
 """
 
 from __future__ import annotations
@@ -21,12 +32,15 @@ from sqlite_utils import Database
 
 from core import catalog
 from core.catalog import now, write_transaction
+from core.config import ResolvedConfig, TrainConfig
 from core.errors import LoupeError
-from core.training import TrainConfig, TrainDataset, TrainItem, check_trainable, dataset_from_catalog
+from core.selection import check_trainable, dataset_from_catalog
 from core.workspace import Workspace, connect
 
 
 class RunStatus(StrEnum):
+    """Every job's status, training runs' included."""
+
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
@@ -34,6 +48,20 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+
+class JobKind(StrEnum):
+    TRAIN = "train"
+    EMBED = "embed"
+    EXPORT = "export"
+    DATASET_EXPORT = "dataset_export"
+    BACKUP = "backup"
+
+
+# How pages name a job of each kind ("Export #12").
+KIND_TITLES = {
+    JobKind.TRAIN: "Run", JobKind.EMBED: "Embedding", JobKind.EXPORT: "Export",
+    JobKind.DATASET_EXPORT: "Dataset export", JobKind.BACKUP: "Backup",
+}
 
 ACTIVE_STATUSES = (RunStatus.RUNNING, RunStatus.CANCELLING)
 FINISHED_STATUSES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
@@ -44,11 +72,21 @@ HEARTBEAT_STALE_SECONDS = 30.0
 CANCEL_GRACE_SECONDS = 15.0
 # Runs train one at a time unless the workspace setting says otherwise: two would share the CPU.
 MAX_ACTIVE_RUNS_SETTING = "max_active_runs"
-UNLABELLED_SPLIT = "unlabelled"
 WORKER_LOG_NAME = "worker.log"
+# A worker with nothing to do for this long exits; the next queued job starts another.
+WORKER_IDLE_EXIT_SECONDS = 300.0
+
+# Where jobs run: a warm worker on this machine, or an existing Ray cluster (see core.executors).
+EXECUTORS = ("local", "ray")
+EXECUTOR_SETTING = "executor"
+RAY_ADDRESS_SETTING = "ray_address"
 
 CRASHED_REASON = "worker process ended without finishing (killed or crashed)"
 NEVER_STARTED_REASON = "worker process ended before it started the run"
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when it was asked to stop."""
 
 
 # ---------------------------------------------------------------- reading runs
@@ -57,34 +95,69 @@ NEVER_STARTED_REASON = "worker process ended before it started the run"
 def _decode(row: dict | None) -> dict | None:
     if row is None:
         return None
-    for key in ("config", "progress", "metrics"):
+    for key in ("config", "resolved_config", "progress", "metrics", "params", "result"):
         row[key] = json.loads(row[key]) if row.get(key) else None
     return row
 
 
 def get_run(db: Database, run_id: int) -> dict:
     """The run's row with `config`, `progress` and `metrics` decoded from JSON."""
+    """Any job's row (a training run's or another kind's), its JSON columns decoded."""
     row = _decode(next(db.query("SELECT * FROM runs WHERE id = ?", [run_id]), None))
     if row is None:
-        raise LoupeError(f"There is no training run #{run_id} in this workspace.")
+        raise LoupeError(f"There is no job #{run_id} in this workspace.")
     return row
 
 
+def run_config(run: dict) -> ResolvedConfig:
+    """The config the run trained with (see core.training.resolve), from its row as `get_run` returns it.
+
+    A run not finished yet, or one recorded before resolved configs were kept (whose `config` was
+    replaced by the config as run when it succeeded), gives its `config`. Nothing here asks whether
+    this machine could train it: a run trained on a GPU opens on a laptop.
+    """
+    return ResolvedConfig.from_dict(run.get("resolved_config") or run.get("config") or {})
+
+
 def list_runs(db: Database, limit: int = 100) -> list[dict]:
-    """Newest first."""
-    return [_decode(row) for row in db.query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])]
+    """Training runs, newest first."""
+    return list_jobs(db, JobKind.TRAIN, limit=limit)
+
+
+def list_jobs(db: Database, *kinds: JobKind, limit: int = 100) -> list[dict]:
+    """Jobs of these kinds (every kind when none is named), newest first."""
+    where, values = _kind_filter(kinds)
+    return [_decode(row) for row in db.query(f"SELECT * FROM runs {where} ORDER BY id DESC LIMIT ?", [*values, limit])]
 
 
 def active_runs(db: Database) -> list[dict]:
-    """Runs queued or training, oldest first."""
+    """Training runs queued or training, oldest first."""
+    return active_jobs(db, JobKind.TRAIN)
+
+
+def active_jobs(db: Database, *kinds: JobKind) -> list[dict]:
+    """Jobs of these kinds (every kind when none is named) queued or running, oldest first."""
     statuses = (RunStatus.QUEUED, *ACTIVE_STATUSES)
+    where, values = _kind_filter(kinds)
     return [
         _decode(row)
         for row in db.query(
-            f"SELECT * FROM runs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY id",
-            [str(s) for s in statuses],
+            f"SELECT * FROM runs {where} {'AND' if where else 'WHERE'} status IN ({', '.join('?' * len(statuses))}) "
+            "ORDER BY id",
+            [*values, *(str(s) for s in statuses)],
         )
     ]
+
+
+def _kind_filter(kinds: tuple[JobKind, ...]) -> tuple[str, list[str]]:
+    if not kinds:
+        return "", []
+    return f"WHERE kind IN ({', '.join('?' * len(kinds))})", [str(kind) for kind in kinds]
+
+
+def job_title(job: dict) -> str:
+    """"Run #3", "Export #12": how pages name a job."""
+    return f"{KIND_TITLES[JobKind(job['kind'])]} #{job['id']}"
 
 
 def current_run(db: Database) -> dict | None:
@@ -141,6 +214,7 @@ def _seconds_since(value: str | None) -> float:
 
 def create_run(ws: Workspace, db: Database, config: TrainConfig) -> int:
     """Queue a run on the labelled images as they are now; refuses (LoupeError) what cannot train."""
+    config.validate()
     dataset = dataset_from_catalog(ws, db)
     check_trainable(dataset)
     class_ids = {row["name"]: row["id"] for row in catalog.list_classes(db, include_archived=True)}
@@ -160,85 +234,107 @@ def create_run(ws: Workspace, db: Database, config: TrainConfig) -> int:
     return run_id
 
 
-def run_dataset(ws: Workspace, db: Database, run_id: int) -> tuple[TrainDataset, list[int]]:
-    """The run's snapshot as a TrainDataset, plus the images unlabelled now (to predict on).
-
-    Also returns the catalog class id of each of the dataset's classes, in the same order.
-    """
-    snapshot = list(
-        db.query(
-            "SELECT run_items.image_id, run_items.class_id, run_items.split, images.sha256, images.path, "
-            "MIN(images.width, images.height) AS short_side, classes.name AS class_name FROM run_items JOIN images ON images.id = run_items.image_id "
-            "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY run_items.image_id",
-            [run_id],
-        )
-    )
-    if not snapshot:
-        raise LoupeError(f"Run #{run_id} has no labelled images recorded; start a new run.")
-    classes_by_id = dict(sorted({(r["class_id"], r["class_name"]) for r in snapshot}))
-    class_ids = list(classes_by_id)
-    index = {class_id: k for k, class_id in enumerate(class_ids)}
-    items = [
-        TrainItem(r["image_id"], r["sha256"], ws.root / r["path"], index[r["class_id"]], r["split"], r["short_side"])
-        for r in snapshot
-    ]
-    unlabelled = db.query(
-        "SELECT images.id, images.sha256, images.path, MIN(images.width, images.height) AS short_side FROM images "
-        "LEFT JOIN labels ON labels.image_id = images.id "
-        "WHERE labels.image_id IS NULL AND images.excluded = 0 "
-        "AND images.id NOT IN (SELECT image_id FROM run_items WHERE run_id = ?) ORDER BY images.id",
-        [run_id],
-    )
-    items += [
-        TrainItem(r["id"], r["sha256"], ws.root / r["path"], None, UNLABELLED_SPLIT, r["short_side"]) for r in unlabelled
-    ]
-    return TrainDataset(list(classes_by_id.values()), items), class_ids
+def create_job(db: Database, kind: JobKind, params: dict | None = None) -> int:
+    """Queue a job of a kind other than training, with what it needs to know in `params`; its id."""
+    if JobKind(kind) == JobKind.TRAIN:
+        raise ValueError("training runs are queued with create_run, which snapshots their images")
+    return db.execute(
+        "INSERT INTO runs (kind, status, config, params, created_at) VALUES (?, ?, '{}', ?, ?)",
+        [str(kind), str(RunStatus.QUEUED), json.dumps(params or {}), now()],
+    ).lastrowid
 
 
-# ---------------------------------------------------------------- launching
+# ---------------------------------------------------------------- executor settings
 
 
-def launch(ws: Workspace, run_id: int) -> int:
-    """Start a worker process for a queued run, in its own session (so its group can be killed); its pid."""
-    log_path = ws.run_dir(run_id) / WORKER_LOG_NAME
+def executor_settings(db: Database) -> tuple[str, str | None]:
+    """The workspace's executor (local or ray) and the Ray cluster's address."""
+    return catalog.get_setting(db, EXECUTOR_SETTING, "local"), catalog.get_setting(db, RAY_ADDRESS_SETTING)
+
+
+def set_executor(db: Database, name: str, *, ray_address: str | None = None) -> None:
+    """Run the workspace's jobs on `name`: a running worker of the other kind hands over after its job."""
+    if name not in EXECUTORS:
+        raise LoupeError(f"The executor must be one of {', '.join(EXECUTORS)}, not {name!r}.")
+    if name == "ray" and not (ray_address or "").strip():
+        raise LoupeError("The ray executor needs the cluster's address: give --ray-address HOST:PORT (or auto).")
+    with write_transaction(db):
+        catalog.set_setting(db, EXECUTOR_SETTING, name)
+        catalog.set_setting(db, RAY_ADDRESS_SETTING, (ray_address or "").strip() or None)
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def launch_worker(ws: Workspace) -> subprocess.Popen:
+    """Start a long-lived worker for the workspace in its own session (so its group can be killed)."""
+    log_path = ws.runs_dir / WORKER_LOG_NAME
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         # Never fork: a process that has imported torch must start its workers with a fresh interpreter.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "core.worker", "--workspace", str(Path(ws.root).resolve()), str(run_id)],
+        return subprocess.Popen(
+            [sys.executable, "-m", "core.worker", "--serve", "--workspace", str(Path(ws.root).resolve())],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
         )
-    # Recorded on the queued row so nobody launches a second worker while this one boots.
-    db = connect(ws)
-    try:
-        db.execute(
-            "UPDATE runs SET pid = ? WHERE id = ? AND status = ?", [process.pid, run_id, str(RunStatus.QUEUED)]
-        )
-    finally:
-        db.close()
+
+
+def live_workers(db: Database, stale_after: float = HEARTBEAT_STALE_SECONDS) -> list[dict]:
+    """Worker processes that are alive and beating; forgets the rows of those that are gone."""
+    alive = []
+    for row in db.query("SELECT * FROM workers ORDER BY started_at"):
+        if worker_alive(row["pid"]) and _seconds_since(row["heartbeat_at"]) <= stale_after:
+            alive.append(row)
+        elif not worker_alive(row["pid"]):
+            db.execute("DELETE FROM workers WHERE pid = ?", [row["pid"]])
+    return alive
+
+
+def start_next_queued(ws: Workspace, db: Database) -> int | None:
+    """Make sure a worker takes the queued jobs: start one when jobs wait and none is alive; its pid."""
+    if ws.read_only:
+        return None
+    with write_transaction(db):
+        queued = db.execute("SELECT count(*) FROM runs WHERE status = ?", [str(RunStatus.QUEUED)]).fetchone()[0]
+        if not queued or live_workers(db):
+            return None
+        process = launch_worker(ws)
+        # Registered before it boots, in the same transaction, so nobody starts a second one meanwhile.
+        executor, _ = executor_settings(db)
+        register_worker(db, process.pid, executor, at=now())
     return process.pid
+
+
+def register_worker(db: Database, pid: int, executor: str, *, at: str | None = None) -> None:
+    """Record a worker as alive; `at` is its start, left as it was when the row exists."""
+    at = at or now()
+    db.execute(
+        "INSERT INTO workers (pid, executor, started_at, heartbeat_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (pid) DO UPDATE SET executor = excluded.executor, heartbeat_at = ?",
+        [pid, executor, at, at, now()],
+    )
+
+
+def retire_worker(db: Database, pid: int, *, only_when_idle: bool) -> bool:
+    """Remove a worker's row before it exits; refused (False) when `only_when_idle` and a job waits.
+
+    Checked and removed in one write transaction: a job queued a moment later finds no worker and
+    starts one, so no job is left waiting for a worker that is leaving.
+    """
+    with write_transaction(db):
+        if only_when_idle and db.execute(
+            "SELECT 1 FROM runs WHERE status = ? LIMIT 1", [str(RunStatus.QUEUED)]
+        ).fetchone():
+            return False
+        db.execute("DELETE FROM workers WHERE pid = ?", [pid])
+    return True
 
 
 def max_active_runs(db: Database) -> int:
     return max(int(catalog.get_setting(db, MAX_ACTIVE_RUNS_SETTING, 1)), 1)
-
-
-def start_next_queued(ws: Workspace, db: Database) -> list[int]:
-    """Launch workers for the oldest queued runs while fewer than the allowed number train; their ids."""
-    runs = active_runs(db)
-    busy = sum(1 for r in runs if r["status"] in ACTIVE_STATUSES)
-    booting = sum(1 for r in runs if r["status"] == RunStatus.QUEUED and r["pid"] and worker_alive(r["pid"]))
-    free = max_active_runs(db) - busy - booting
-    waiting = [r for r in runs if r["status"] == RunStatus.QUEUED and not r["pid"]]
-    launched = []
-    for run in waiting[: max(free, 0)]:
-        launch(ws, run["id"])
-        launched.append(run["id"])
-    return launched
 
 
 def worker_alive(pid: int) -> bool:
@@ -291,8 +387,22 @@ def claim_run(db: Database, run_id: int, pid: int) -> bool:
     return bool(claimed)
 
 
-def beat(db: Database, run_id: int) -> None:
-    db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [now(), run_id])
+def claim_next(db: Database, pid: int) -> int | None:
+    """Claim the oldest queued job of any kind for the worker `pid`; its id, or None when none waits."""
+    with write_transaction(db):
+        row = db.execute("SELECT id FROM runs WHERE status = ? ORDER BY id LIMIT 1", [str(RunStatus.QUEUED)]).fetchone()
+        return row[0] if row and claim_run(db, row[0], pid) else None
+
+
+def beat(db: Database, pid: int) -> None:
+    """Stamp the worker `pid`'s heartbeat and its running job's."""
+    at = now()
+    with write_transaction(db):
+        db.execute("UPDATE workers SET heartbeat_at = ? WHERE pid = ?", [at, pid])
+        db.execute(
+            f"UPDATE runs SET heartbeat_at = ? WHERE pid = ? AND status IN ({', '.join('?' * len(ACTIVE_STATUSES))})",
+            [at, pid, *(str(s) for s in ACTIVE_STATUSES)],
+        )
 
 
 def record_progress(db: Database, run_id: int, progress: dict | None, epochs: list[dict] = ()) -> None:
@@ -317,10 +427,10 @@ def finish_succeeded(
     run_id: int,
     metrics: dict,
     predictions: list[tuple[int, str, int, list[float]]],
-    config: dict,
+    resolved_config: dict,
 ) -> None:
     """Store the predictions `(image_id, split, predicted_class_id, probs)`, the metrics and the config
-    as run (choices made during training filled in), and promote the run."""
+    the run trained with (`core.training.resolve`'s, as a dict), and promote the run."""
     with write_transaction(db):
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db.conn.executemany(
@@ -329,10 +439,19 @@ def finish_succeeded(
              for image_id, split, class_id, probs in predictions],
         )
         db.execute(
-            "UPDATE runs SET status = ?, metrics = ?, config = ?, finished_at = ?, error = NULL WHERE id = ?",
-            [str(RunStatus.SUCCEEDED), json.dumps(metrics), json.dumps(config), now(), run_id],
+            "UPDATE runs SET status = ?, metrics = ?, resolved_config = ?, finished_at = ?, error = NULL WHERE id = ?",
+            [str(RunStatus.SUCCEEDED), json.dumps(metrics), json.dumps(resolved_config), now(), run_id],
         )
         promote(db, run_id)
+
+
+def finish_job(db: Database, job_id: int, result: dict) -> None:
+    """Mark a job of a kind other than training succeeded with what it made (JSON-able)."""
+    db.execute(
+        "UPDATE runs SET status = ?, result = ?, finished_at = ?, error = NULL WHERE id = ?",
+        # Figures computed with NumPy arrive as its scalars: stored as the plain numbers they are.
+        [str(RunStatus.SUCCEEDED), json.dumps(result, default=lambda value: value.item()), now(), job_id],
+    )
 
 
 def finish_unsuccessful(db: Database, run_id: int, status: RunStatus, error: str | None = None) -> None:
@@ -372,15 +491,21 @@ def reap(
     stale_after: float = HEARTBEAT_STALE_SECONDS,
     cancel_grace: float = CANCEL_GRACE_SECONDS,
 ) -> list[int]:
-    """Settle runs whose worker is gone or ignores a cancel, then start queued runs; the settled ids."""
+    """Settle jobs whose worker is gone or ignores a cancel, then make sure a worker takes the queued
+    jobs; the settled ids."""
     settled = []
-    for run in active_runs(db):
+    for worker in db.query("SELECT * FROM workers WHERE heartbeat_at = started_at"):
+        # A worker that died before its first heartbeat fails at start-up, and would again: the job it
+        # would have taken fails, saying where its log is, instead of the queue restarting it forever.
+        if not worker_alive(worker["pid"]):
+            db.execute("DELETE FROM workers WHERE pid = ?", [worker["pid"]])
+            if queued := [job for job in active_jobs(db) if job["status"] == RunStatus.QUEUED][:1]:
+                reason = f"{NEVER_STARTED_REASON}; see {ws.runs_dir / WORKER_LOG_NAME}"
+                finish_unsuccessful(db, queued[0]["id"], RunStatus.FAILED, reason)
+                settled.append(queued[0]["id"])
+    for run in active_jobs(db):
         pid = run["pid"]
         if run["status"] == RunStatus.QUEUED:
-            if pid and not worker_alive(pid):
-                reason = f"{NEVER_STARTED_REASON}; see {ws.run_dir(run['id']) / WORKER_LOG_NAME}"
-                finish_unsuccessful(db, run["id"], RunStatus.FAILED, reason)
-                settled.append(run["id"])
             continue
         if _seconds_since(run["heartbeat_at"]) > stale_after and not (pid and worker_alive(pid)):
             finish_unsuccessful(db, run["id"], RunStatus.FAILED, CRASHED_REASON)

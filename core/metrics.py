@@ -1,13 +1,17 @@
-"""How good a run's model is: per-class metrics, confusion matrix, calibration, run-to-run comparison.
+"""How good a run's model is: per-class metrics with their uncertainty, confusion matrix, calibration.
 
 Everything is computed with scikit-learn from the run's stored predictions (`predictions`) and the
 labels it was trained and evaluated on (`run_items`), so a run's figures never change when labels
-are edited after it.
+are edited after it. Every accuracy and F1 comes with the number of images it was measured on and a
+95% percentile-bootstrap interval over those images: on a few dozen images a figure can move by
+ten points from one sample to the next, and the interval says so.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +22,7 @@ from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
     confusion_matrix,
+    f1_score,
     precision_recall_curve,
     precision_recall_fscore_support,
     top_k_accuracy_score,
@@ -32,6 +37,35 @@ EVALUATION_SPLITS = ("val", "test")
 CALIBRATION_BINS = 10
 TOP_K = (2, 3, 5)
 NO_LABEL = -1
+# Under this many images a figure's interval is too wide to judge a model by.
+MIN_IMAGES_TO_JUDGE = 30
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+INTERVAL_LEVEL = 0.95
+# Resamples drawn at once: bounds memory to this many rows of per-image counts.
+_BOOTSTRAP_BLOCK = 100
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure measured on `n` images, with the bounds of its 95% percentile-bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def too_few(self) -> bool:
+        return self.n < MIN_IMAGES_TO_JUDGE
+
+    def text(self, percent: bool = True) -> str:
+        """E.g. `76.5% (95% CI 69.2%–83.1%, n = 153)`, marked when there are too few images to judge."""
+        if self.n == 0 or np.isnan(self.value):
+            return "n/a (n = 0)"
+        shown = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:.3f}")
+        text = f"{shown(self.value)} (95% CI {shown(self.low)}–{shown(self.high)}, n = {self.n})"
+        return text + ", too few to judge" if self.too_few else text
 
 
 @dataclass
@@ -115,10 +149,17 @@ class SplitMetrics:
     macro: dict[str, float]  # precision, recall, f1
     weighted: dict[str, float]
     top_k: dict[int, float]
-    per_class: pd.DataFrame  # class, precision, recall, f1, support
+    # class, precision, recall, f1 (each with _low and _high: its 95% interval), support, predicted
+    per_class: pd.DataFrame
     confusion: np.ndarray  # rows: labelled class, columns: predicted class
     calibration: Calibration
     pr_curves: dict[str, PrCurve] = field(default_factory=dict)
+    # accuracy, macro_f1, weighted_f1 with n and their 95% intervals
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+
+    @property
+    def too_few(self) -> bool:
+        return self.count < MIN_IMAGES_TO_JUDGE
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIBRATION_BINS) -> Calibration:
@@ -134,6 +175,124 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIB
     bins = pd.DataFrame({"confidence": mean_confidence, "accuracy": accuracy, "count": non_empty})
     ece = float(np.sum(non_empty / non_empty.sum() * np.abs(accuracy - mean_confidence)))
     return Calibration(ece, bins)
+
+
+def _resampled_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap resamples, each row how many times each of the n images was drawn."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, _BOOTSTRAP_BLOCK):
+        size = min(_BOOTSTRAP_BLOCK, resamples - start)
+        drawn = rng.integers(0, n, size=(size, n)) + (np.arange(size) * n)[:, None]
+        yield np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray, undefined: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), undefined)
+
+
+def bootstrap_scores(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    k: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, np.ndarray]:
+    """Accuracy, macro and weighted F1 (one value per resample) and per-class precision, recall and
+    F1 (a column per class) over bootstrap resamples of the images.
+
+    The averages count an undefined per-class score as 0, as scikit-learn's `zero_division=0` does
+    for the figure itself; per-class scores a resample leaves undefined (no image of the class, or
+    none predicted as it) are NaN, so they drop out of that class's interval.
+    """
+    labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    n = len(labels)
+    if n == 0:
+        raise LoupeError("There are no labelled images to measure.")
+    is_label = np.eye(k)[labels]
+    is_predicted = np.eye(k)[predicted]
+    is_right = is_label * is_predicted
+    parts: dict[str, list[np.ndarray]] = {
+        name: [] for name in ("accuracy", "macro_f1", "weighted_f1", "precision", "recall", "f1")
+    }
+    for counts in _resampled_counts(n, resamples, seed):
+        support, predicted_count, right = counts @ is_label, counts @ is_predicted, counts @ is_right
+        f1 = _ratio(2 * right, support + predicted_count, 0.0)
+        parts["accuracy"].append(right.sum(axis=1) / n)
+        parts["macro_f1"].append(f1.mean(axis=1))
+        parts["weighted_f1"].append((f1 * support).sum(axis=1) / n)
+        parts["precision"].append(_ratio(right, predicted_count, np.nan))
+        parts["recall"].append(_ratio(right, support, np.nan))
+        parts["f1"].append(_ratio(2 * right, support + predicted_count, np.nan))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def interval(values: np.ndarray) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """The central 95% of bootstrap values (per column when 2-D), ignoring undefined ones."""
+    tail = (1 - INTERVAL_LEVEL) / 2 * 100
+    with warnings.catch_warnings():
+        # A class no resample could score has no interval: NaN, not a warning.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def estimate(value: float, values: np.ndarray, n: int) -> Estimate:
+    low, high = interval(values)
+    return Estimate(float(value), float(low), float(high), int(n))
+
+
+def score_estimates(
+    labels: np.ndarray, predicted: np.ndarray, k: int, *, replicates: dict[str, np.ndarray] | None = None
+) -> dict[str, Estimate]:
+    """Accuracy, macro F1 and weighted F1 of these predictions, each with n and its 95% interval
+    (from `replicates` of `bootstrap_scores` when already drawn)."""
+    labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    everything = list(range(k))
+    replicates = replicates or bootstrap_scores(labels, predicted, k)
+    point = {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=everything, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(labels, predicted, labels=everything, average="weighted", zero_division=0)),
+    }
+    return {name: estimate(value, replicates[name], len(labels)) for name, value in point.items()}
+
+
+def run_figures(labels: np.ndarray, predicted: np.ndarray, splits: np.ndarray, k: int) -> dict[str, float | int]:
+    """What a finished run stores per evaluation split: accuracy and macro F1, the bounds of their
+    95% intervals, and the number of images (e.g. `test_accuracy`, `test_accuracy_ci_low`)."""
+    figures: dict[str, float | int] = {}
+    splits = np.asarray(splits, dtype=object)
+    for split in EVALUATION_SPLITS:
+        chosen = splits == split
+        if not chosen.any():
+            continue
+        scores = score_estimates(np.asarray(labels)[chosen], np.asarray(predicted)[chosen], k)
+        for name in ("accuracy", "macro_f1"):
+            figures[f"{split}_{name}"] = scores[name].value
+            figures[f"{split}_{name}_ci_low"] = scores[name].low
+            figures[f"{split}_{name}_ci_high"] = scores[name].high
+        figures[f"{split}_images"] = int(chosen.sum())
+    return figures
+
+
+def split_warnings(images_per_split: Mapping[str, int]) -> list[str]:
+    """What to tell a user before training about splits too small to judge a model by."""
+    messages = []
+    for split in EVALUATION_SPLITS:
+        n = int(images_per_split.get(split, 0))
+        if n == 0 and split == "test":
+            messages.append(
+                "No test images: the run will be judged on validation images, which also choose its best "
+                "epoch, so its figure is optimistic. Give the test split a share of the labelled images."
+            )
+        elif 0 < n < MIN_IMAGES_TO_JUDGE:
+            messages.append(
+                f"Only {n} {split} images: figures measured on fewer than {MIN_IMAGES_TO_JUDGE} are too few to "
+                f"judge (their 95% interval spans tens of points). Label more images or give {split} a larger share."
+            )
+    return messages
 
 
 def split_metrics(predictions: RunPredictions, split: str) -> SplitMetrics:
@@ -158,6 +317,14 @@ def split_metrics(predictions: RunPredictions, split: str) -> SplitMetrics:
         )
         for average in ("macro", "weighted")
     }
+    replicates = bootstrap_scores(labels, predicted, k)
+    per_class = pd.DataFrame({"class": data.classes})
+    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        low, high = interval(replicates[name])
+        per_class[name], per_class[f"{name}_low"], per_class[f"{name}_high"] = values, low, high
+    per_class["support"] = support
+    per_class["predicted"] = np.bincount(predicted, minlength=k)
+    accuracy = float(accuracy_score(labels, predicted))
     pr_curves = {}
     for i, name in enumerate(data.classes):
         positives = labels == i
@@ -168,7 +335,7 @@ def split_metrics(predictions: RunPredictions, split: str) -> SplitMetrics:
         split=split,
         classes=data.classes,
         count=len(labels),
-        accuracy=float(accuracy_score(labels, predicted)),
+        accuracy=accuracy,
         macro=averages["macro"],
         weighted=averages["weighted"],
         # Top-k only means something when k is below the number of classes.
@@ -177,13 +344,51 @@ def split_metrics(predictions: RunPredictions, split: str) -> SplitMetrics:
             for top in TOP_K
             if top < k
         },
-        per_class=pd.DataFrame(
-            {"class": data.classes, "precision": precision, "recall": recall, "f1": f1, "support": support}
-        ),
+        per_class=per_class,
         confusion=confusion_matrix(labels, predicted, labels=everything),
         calibration=calibration(probs.max(axis=1), predicted == labels),
         pr_curves=pr_curves,
+        estimates=score_estimates(labels, predicted, k, replicates=replicates),
     )
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The figures a run is judged by, and what they were measured on."""
+
+    split: str
+    accuracy: Estimate
+    macro_f1: Estimate
+    note: str
+
+
+HELD_OUT_NOTE = "Measured on test images, which played no part in training or in choosing the best epoch."
+OPTIMISTIC_NOTE = (
+    "No test split: validation figure, optimistic. The validation images also chose the best epoch; "
+    "give the test split a share of the labelled images for an honest figure."
+)
+
+
+def headline(predictions: RunPredictions) -> Headline:
+    """The run's test figures when it has labelled test images, else its validation figures, labelled as such."""
+    for split, note in (("test", HELD_OUT_NOTE), ("val", OPTIMISTIC_NOTE)):
+        data = predictions.split(split).labelled()
+        if len(data.labels):
+            scores = score_estimates(data.labels, data.predicted, len(data.classes))
+            return Headline(split, scores["accuracy"], scores["macro_f1"], note)
+    raise LoupeError(f"Run #{predictions.run_id} has no labelled val or test images to measure.")
+
+
+def stored_headline(metrics: Mapping) -> str | None:
+    """A run's headline from its stored figures, e.g. `test accuracy 76.5% (95% CI 69.9%–83.0%)`."""
+    for split, suffix in (("test", ""), ("val", ", optimistic: no test split")):
+        value = metrics.get(f"{split}_accuracy")
+        if value is None:
+            continue
+        low, high = metrics.get(f"{split}_accuracy_ci_low"), metrics.get(f"{split}_accuracy_ci_high")
+        bounds = f" (95% CI {low:.1%}–{high:.1%})" if low is not None and high is not None else ""
+        return f"{split} accuracy {value:.1%}{bounds}{suffix}"
+    return None
 
 
 def confusion_cell_images(predictions: RunPredictions, split: str, labelled: str, predicted: str) -> list[int]:
@@ -191,38 +396,3 @@ def confusion_cell_images(predictions: RunPredictions, split: str, labelled: str
     data = predictions.split(split)
     mask = (data.labels == data.classes.index(labelled)) & (data.predicted == data.classes.index(predicted))
     return [int(i) for i in data.image_ids[mask]]
-
-
-@dataclass
-class RunComparison:
-    # Per class present in both runs: each metric in run a, in run b, and b - a.
-    per_class: pd.DataFrame
-    accuracy_delta: float
-    macro_f1_delta: float
-    right_to_wrong: list[int]  # image ids right in run a, wrong in run b
-    wrong_to_right: list[int]
-
-
-def compare_runs(ws: Workspace, db: Database, run_a: int, run_b: int, split: str = "val") -> RunComparison:
-    """How run b differs from run a on one split; each image is judged against its label in that run."""
-    a_all, b_all = load_run_predictions(ws, db, run_a), load_run_predictions(ws, db, run_b)
-    a, b = split_metrics(a_all, split), split_metrics(b_all, split)
-    per_class = a.per_class.merge(b.per_class, on="class", suffixes=("_a", "_b"))
-    for metric in ("precision", "recall", "f1", "support"):
-        per_class[f"{metric}_delta"] = per_class[f"{metric}_b"] - per_class[f"{metric}_a"]
-
-    def correctness(predictions: RunPredictions) -> dict[int, bool]:
-        data = predictions.split(split).labelled()
-        predicted_names = np.array(data.classes, dtype=object)[data.predicted]
-        label_names = np.array(data.classes, dtype=object)[data.labels]
-        return {int(i): bool(p == t) for i, p, t in zip(data.image_ids, predicted_names, label_names)}
-
-    right_a, right_b = correctness(a_all), correctness(b_all)
-    common = sorted(set(right_a) & set(right_b))
-    return RunComparison(
-        per_class=per_class,
-        accuracy_delta=b.accuracy - a.accuracy,
-        macro_f1_delta=b.macro["f1"] - a.macro["f1"],
-        right_to_wrong=[i for i in common if right_a[i] and not right_b[i]],
-        wrong_to_right=[i for i in common if not right_a[i] and right_b[i]],
-    )

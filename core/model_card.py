@@ -14,6 +14,7 @@ from sqlite_utils import Database
 
 from core.catalog import SPLITS
 from core.checkpoints import TrainedModel
+from core.jobs import run_config
 from core.metrics import SplitMetrics
 
 MAX_REVIEW_COMMENTS = 30
@@ -130,7 +131,8 @@ def render(data: ModelCardData) -> str:
         "Labelled images the model was trained and validated on, per class and split:",
         _data_table(trained.classes, data.snapshot),
         "## Training configuration",
-        "```json\n" + json.dumps(run.get("config") or {}, indent=2) + "\n```",
+        "As the run trained (input size and device chosen):",
+        "```json\n" + json.dumps(run_config(run).to_dict(), indent=2) + "\n```",
         "## Validation results (the exported ONNX model)",
         f"Accuracy **{m.accuracy:.3f}**, macro F1 **{m.macro['f1']:.3f}** on {m.count} validation images.",
         _table(["class", "precision", "recall", "F1", "images"], per_class),

@@ -127,5 +127,118 @@ def add_run_cancel_requested_at(db: Database) -> None:
     db.execute("ALTER TABLE runs ADD COLUMN cancel_requested_at TEXT")
 
 
+@migrations()
+def add_users_sessions_and_audit_log(db: Database) -> None:
+    # Sessions keep only a hash of their token, so a copy of the catalog signs no one in.
+    # Times that are compared (expiry, sign-in delays) are epoch seconds; audit times are ISO text.
+    db.executescript(
+        """
+        CREATE TABLE users (
+            email TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'labeller', 'reviewer', 'viewer')),
+            password_hash TEXT,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE sessions (
+            token_sha256 TEXT PRIMARY KEY,
+            email TEXT NOT NULL REFERENCES users(email) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        );
+        CREATE INDEX sessions_email ON sessions(email);
+        CREATE TABLE sign_in_failures (
+            key TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL,
+            last_failed_at REAL NOT NULL,
+            wait_until REAL NOT NULL
+        );
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            who TEXT NOT NULL,
+            role TEXT,
+            action TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_log_at ON audit_log(at);
+        CREATE INDEX audit_log_who ON audit_log(who, id);
+        CREATE INDEX audit_log_action ON audit_log(action, id);
+        """
+    )
+
+
+@migrations()
+def add_import_conflicts(db: Database) -> None:
+    # An imported copy of a catalog image that claims another label: kept for a person to decide.
+    db.executescript(
+        """
+        CREATE TABLE import_conflicts (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            claimed_label TEXT NOT NULL,
+            source_name TEXT NOT NULL,
+            at TEXT NOT NULL,
+            resolved_at TEXT
+        );
+        CREATE INDEX import_conflicts_image ON import_conflicts(image_id);
+        """
+    )
+
+
+@migrations()
+def add_applied_label_events(db: Database) -> None:
+    # The browser resends a labelling event until it is acknowledged: each event id is applied once.
+    # `class_changes` keeps what a rename, merge or archive did, so it can be undone.
+    db.executescript(
+        """
+        CREATE TABLE applied_label_events (
+            event_id TEXT PRIMARY KEY,
+            who TEXT NOT NULL,
+            image_id INTEGER,
+            error TEXT,
+            applied_at TEXT NOT NULL
+        );
+        CREATE TABLE class_changes (
+            id INTEGER PRIMARY KEY,
+            action TEXT NOT NULL CHECK (action IN ('rename', 'merge', 'archive')),
+            class_id INTEGER NOT NULL REFERENCES classes(id),
+            details TEXT NOT NULL,
+            who TEXT NOT NULL,
+            at TEXT NOT NULL,
+            undone_at TEXT
+        );
+        """
+    )
+
+
+@migrations()
+def add_run_resolved_config(db: Database) -> None:
+    # `config` keeps the settings as asked for; this, the config as the run trained (input size
+    # and device chosen), written when the run starts and read by everything after training.
+    db.execute("ALTER TABLE runs ADD COLUMN resolved_config TEXT")
+
+
+@migrations()
+def add_job_kinds_and_workers(db: Database) -> None:
+    # Every long job is a `runs` row: training ('train', every row before this) and export, dataset
+    # export, backup and embedding, with what to do in `params` and what it made in `result`.
+    # `workers` holds the long-lived worker processes that take jobs from the queue, so whoever
+    # queues a job can tell whether one is alive or one must be started.
+    db.executescript(
+        """
+        ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'train';
+        ALTER TABLE runs ADD COLUMN params TEXT;
+        ALTER TABLE runs ADD COLUMN result TEXT;
+        CREATE INDEX runs_status ON runs(status, id);
+        CREATE TABLE workers (
+            pid INTEGER PRIMARY KEY,
+            executor TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            heartbeat_at TEXT NOT NULL
+        );
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

@@ -1,8 +1,10 @@
-"""Transfer learning from a pretrained backbone: one `TrainConfig`, one `train()` function.
+"""Transfer learning from a pretrained backbone: `resolve` a `TrainConfig` for a run, then `train()`.
 
 `train(config, dataset, reporter)` is a pure function of its inputs: it reads images and cached
 embeddings, reports progress through `reporter`, and returns the best model (by validation
 macro-F1) with its probabilities on every item. Writing runs to disk is the caller's job.
+The config and its allowed values live in `core.config`, which training's readers load without
+PyTorch; which images a run sees is `core.selection`'s.
 
 Strategies:
 - `head`: frozen backbone; a linear layer on cached embeddings (the seconds-long retrain);
@@ -16,172 +18,33 @@ The best state over all epochs, by validation macro-F1, is the one returned.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
-from sqlite_utils import Database
 from torch import nn
 from torchvision.transforms import v2
 
-from core import catalog
-from core.backbones import DEFAULT_BACKBONE, Preprocessing, configure_threads, get_spec
+from core.backbones import Preprocessing, configure_threads, get_spec
 from core.checkpoints import TrainedModel, build_classifier
+# PRESETS and dataset_from_catalog are not used here: they stay importable from core.training for
+# the callers written before they moved to core.config and core.selection.
+from core.config import CLASS_WEIGHTINGS, PRESETS, ResolvedConfig, TrainConfig  # noqa: F401
 from core.embeddings import DECODE_THREADS, EmbeddingCache, decoded_batches, embed_images
 from core.errors import LoupeError
 from core.images import open_image_rgb
-from core.workspace import Workspace
+from core.selection import TrainDataset, TrainItem, check_trainable, dataset_from_catalog  # noqa: F401
 
-STRATEGIES = ("head", "finetune", "two_stage")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "plateau")
-CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
-AUGMENTATIONS = ("none", "light", "strong")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 # Cui et al. (2019), "Class-balanced loss based on effective number of samples".
 EFFECTIVE_NUMBER_BETA = 0.999
 EVAL_BATCH_SIZE = 64
-MIN_IMAGE_SIZE = 32
-
-
-@dataclass
-class TrainConfig:
-    """Every training knob; stored as JSON with each run so it can be reproduced and compared."""
-
-    backbone: str = DEFAULT_BACKBONE
-    weights_path: str | None = None
-    # Model input in pixels; 0 chooses from the photos (see choose_image_size).
-    image_size: int = 0
-    strategy: str = "head"
-    epochs: int = 60
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 3e-3  # the new linear layer's learning rate
-    backbone_lr: float = 1e-4  # pretrained layers, when they are trained
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"  # cosine with warmup, or reduce-on-plateau of validation macro-F1
-    warmup_epochs: int = 1
-    class_weighting: str = "inverse"
-    label_smoothing: float = 0.1
-    focal_gamma: float = 0.0  # 0 is plain (weighted, smoothed) cross-entropy
-    augmentation: str = "light"  # image strategies only
-    early_stopping_patience: int = 20  # epochs without a better validation macro-F1; 0 never stops early
-    seed: int = 0
-    device: str = "auto"
-    unfreeze_blocks: int = 2  # two_stage: how many of the last backbone blocks are fine-tuned
-    # finetune and two_stage: epochs of a first fit of the new layer alone, on cached embeddings;
-    # 0 starts fine-tuning from a freshly initialised layer (two_stage needs at least 1).
-    head_epochs: int = 60
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoupeError(f"Unknown training setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
-        config = cls(**data)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        """A LoupeError naming the first setting that cannot work."""
-        choices = {
-            "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-            "class_weighting": CLASS_WEIGHTINGS, "augmentation": AUGMENTATIONS, "device": DEVICES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise LoupeError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")
-        for name in ("epochs", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise LoupeError(f"{name} must be a whole number of at least 1.")
-        for name in ("image_size", "warmup_epochs", "early_stopping_patience", "unfreeze_blocks", "head_epochs", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise LoupeError(f"{name} must be a whole number, 0 or more.")
-        for name in ("lr", "backbone_lr"):
-            if not getattr(self, name) > 0:
-                raise LoupeError(f"{name} (a learning rate) must be more than 0.")
-        if 0 < self.image_size < MIN_IMAGE_SIZE:
-            raise LoupeError(f"image_size must be 0 (chosen from the photos) or at least {MIN_IMAGE_SIZE} pixels.")
-        if not 0 <= self.label_smoothing < 1:
-            raise LoupeError("label_smoothing must be at least 0 and less than 1.")
-        if self.weight_decay < 0 or self.momentum < 0 or self.focal_gamma < 0:
-            raise LoupeError("weight_decay, momentum and focal_gamma cannot be negative.")
-        if self.strategy == "two_stage" and self.head_epochs < 1:
-            raise LoupeError("two_stage fits the new layer first: head_epochs must be at least 1.")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise LoupeError("device is cuda but no CUDA GPU is available: choose auto or cpu.")
-        if self.device == "mps" and not torch.backends.mps.is_available():
-            raise LoupeError("device is mps but Apple's GPU backend is not available: choose auto or cpu.")
-
-
-PRESETS: dict[str, TrainConfig] = {
-    # Seconds on a laptop CPU: a linear head on cached embeddings.
-    "quick": TrainConfig(strategy="head"),
-    # Minutes: Quick's head first, then the network after its first two stages fine-tuned on
-    # augmented images, kept only where it beats the head on validation. Freezing the early,
-    # high-resolution stages spares most of the backward pass (measured on 2 cores, batch 32:
-    # 13 images/s training everything, 25 with the last 5 of Lite0's 7 stages; batch 64 is slower).
-    "thorough": TrainConfig(
-        strategy="two_stage", unfreeze_blocks=5, epochs=6, batch_size=32, backbone_lr=1e-4, warmup_epochs=1,
-        augmentation="light", early_stopping_patience=0,
-    ),
-}
-
-
-@dataclass
-class TrainItem:
-    image_id: int
-    sha256: str
-    path: Path
-    label: int | None  # index into TrainDataset.classes; None when unlabelled
-    split: str  # train, val, test or unlabelled
-    short_side: int | None = None  # of the stored photo, in pixels; None when unknown
-
-
-@dataclass
-class TrainDataset:
-    classes: list[str]
-    items: list[TrainItem]
-
-    def split(self, name: str) -> list[TrainItem]:
-        return [item for item in self.items if item.split == name]
-
-
-def dataset_from_catalog(ws: Workspace, db: Database) -> TrainDataset:
-    """The labelled images with their splits, plus the unlabelled ones, leaving out excluded
-    images and images of archived classes."""
-    classes = catalog.list_classes(db)
-    index = {c["id"]: i for i, c in enumerate(classes)}
-    rows = db.query(
-        "SELECT images.id, images.sha256, images.path, MIN(images.width, images.height) AS short_side, "
-        "labels.class_id, splits.split FROM images LEFT JOIN labels ON labels.image_id = images.id "
-        "LEFT JOIN splits ON splits.image_id = images.id "
-        "WHERE images.excluded = 0 ORDER BY images.id"
-    )
-    items = []
-    for row in rows:
-        if row["class_id"] is None:
-            label, split = None, "unlabelled"
-        elif row["class_id"] in index:
-            label, split = index[row["class_id"]], row["split"] or "train"
-        else:
-            continue
-        items.append(TrainItem(row["id"], row["sha256"], ws.root / row["path"], label, split, row["short_side"]))
-    return TrainDataset([c["name"] for c in classes], items)
 
 
 def choose_image_size(config: TrainConfig, dataset: TrainDataset) -> int:
@@ -196,30 +59,15 @@ def choose_image_size(config: TrainConfig, dataset: TrainDataset) -> int:
     return spec.preprocessing.input_size
 
 
-def check_trainable(dataset: TrainDataset) -> None:
-    """A LoupeError naming what stops training on this dataset and how to fix it."""
-    k = len(dataset.classes)
-    if k < 2:
-        have = f"only {dataset.classes[0]!r}" if k == 1 else "none"
-        raise LoupeError(
-            f"Training needs at least 2 classes; this workspace has {have}. "
-            "Create another class and label some images of it."
-        )
-    train_counts = _counts(dataset.split("train"), k)
-    val_counts = _counts(dataset.split("val"), k)
-    for name, n_train, n_val in zip(dataset.classes, train_counts, val_counts):
-        if n_train < 2:
-            raise LoupeError(
-                f"Class {name!r} has {n_train} training image{'s' if n_train != 1 else ''}; training needs at "
-                f"least 2 per class. Label more images of {name!r} (or pin some to the train split), "
-                "or archive the class."
-            )
-        if n_val == 0:
-            raise LoupeError(
-                f"Class {name!r} has no validation image, so the model cannot be checked on it. "
-                f"Pin one of its labelled images to the val split, or label more images of {name!r} "
-                "(each class gets a validation image once it has 3)."
-            )
+def resolve(config: TrainConfig, dataset: TrainDataset) -> ResolvedConfig:
+    """The config a run trains with, every choice made: the input size from the photos and the device
+    from this machine. A LoupeError when this machine cannot train as asked; resolving a resolved
+    config changes nothing."""
+    config.validate()
+    device = resolve_device(config.device)
+    return ResolvedConfig.from_dict(
+        {**config.to_dict(), "image_size": choose_image_size(config, dataset), "device": device.type}
+    )
 
 
 def class_weights(counts: list[int], scheme: str) -> list[float]:
@@ -282,7 +130,7 @@ class TrainingCancelled(Exception):
 @dataclass
 class TrainResult:
     model: TrainedModel
-    config: TrainConfig  # as run: image_size chosen
+    config: ResolvedConfig
     best_epoch: int
     metrics: dict
     # image_id -> class probabilities, in the order of model.classes, for every item of the dataset.
@@ -292,14 +140,14 @@ class TrainResult:
 def train(
     config: TrainConfig, dataset: TrainDataset, reporter: Reporter, cache: EmbeddingCache | None = None
 ) -> TrainResult:
-    """Train on `dataset` as `config` says; the best epoch by validation macro-F1 wins."""
-    config.validate()
+    """Train on `dataset` as `config` (resolved here unless it already is) says; the best epoch by
+    validation macro-F1 wins."""
+    config = resolve(config, dataset)
     check_trainable(dataset)
     started = time.perf_counter()
     _seed_everything(config.seed)
     configure_threads()
-    device = resolve_device(config.device)
-    config = dataclasses.replace(config, image_size=choose_image_size(config, dataset))
+    device = torch.device(config.device)
     spec = get_spec(config.backbone)
     pre = spec.preprocessing_for(config.image_size)
     run = _Run(config, dataset, reporter, device, pre, min(pre.input_size, spec.preprocessing.input_size))
@@ -325,12 +173,16 @@ def train(
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` (one of core.config.DEVICES) stands for on this machine; a LoupeError when
+    it asks for one this machine does not have."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise LoupeError("This run asks for device cuda, but this machine has no CUDA GPU: train it with device auto or cpu.")
+    if name == "mps" and not mps:
+        raise LoupeError("This run asks for device mps, but Apple's GPU backend is not available here: "
+                         "train it with device auto or cpu.")
     return torch.device(name)
 
 
@@ -338,13 +190,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _counts(items: Iterable[TrainItem], k: int) -> list[int]:
-    counts = [0] * k
-    for item in items:
-        counts[item.label] += 1
-    return counts
 
 
 def loss_function(config: TrainConfig, train_counts: list[int], device: torch.device) -> Callable:
@@ -413,7 +258,7 @@ class _Run:
         self.k = len(dataset.classes)
         self.train_items = dataset.split("train")
         self.val_items = dataset.split("val")
-        self.train_counts = _counts(self.train_items, self.k)
+        self.train_counts = dataset.class_counts("train")
         self.val_labels = np.array([item.label for item in self.val_items])
         self.total_epochs = config.epochs + (config.head_epochs if config.strategy != "head" else 0)
         self.features: np.ndarray | None = None

@@ -11,7 +11,7 @@ import json
 import numpy as np
 from sqlite_utils import Database
 
-from core import catalog
+from core import catalog, selection
 from core.errors import LoupeError
 
 UNCERTAINTY_MEASURES = ("margin", "entropy")
@@ -43,12 +43,13 @@ def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
 
 
 def unsure_first_image_ids(db: Database, measure: str = "margin") -> list[int]:
-    """Images unlabelled now, the current model's least sure first, then those it has not seen, by id."""
+    """Images awaiting a label (see core.selection), the current model's least sure first, then those
+    it has not seen, by id."""
     rows = list(
         db.query(
-            "SELECT images.id, p.probs FROM images LEFT JOIN labels ON labels.image_id = images.id "
+            f"SELECT images.id, p.probs FROM images {selection.AWAITING_LABEL_JOIN} "
             "LEFT JOIN predictions p ON p.image_id = images.id AND p.run_id = ? "
-            "WHERE labels.image_id IS NULL AND images.excluded = 0 ORDER BY images.id",
+            f"WHERE {selection.AWAITING_LABEL_WHERE} ORDER BY images.id",
             [catalog.current_run_id(db)],
         )
     )

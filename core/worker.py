@@ -1,8 +1,14 @@
-"""`python -m core.worker [--workspace W] RUN_ID`: the process that trains one queued run.
+"""`python -m core.worker --serve [--workspace W]`: the long-lived process that runs queued jobs.
 
-It claims the run, beats a heartbeat from a thread, writes progress and per-epoch metrics to the
-catalog while training, and on success stores the checkpoint, the predictions and the metrics
-and makes the run's model current. It then starts the next queued run, if any.
+It registers itself in the catalog's `workers` table, beats a heartbeat from a thread, and takes
+the oldest queued job (`core.jobs.claim_next`) whenever it is free: training runs, embeddings,
+exports, dataset exports and backups. PyTorch, the backbone and the embeddings used lately stay
+loaded between jobs, so a quick retrain costs its own seconds only. The heavy part of training and
+embedding runs on the workspace's executor (core.executors: here, or on a Ray cluster); everything
+a job writes to the workspace and the catalog is written here. After WORKER_IDLE_EXIT_SECONDS
+without a job it exits; the next queued job starts another.
+
+`python -m core.worker RUN_ID` runs that one queued job and exits.
 """
 
 from __future__ import annotations
@@ -15,35 +21,47 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 from sqlite_utils import Database
 
-from core import jobs
+from core import jobs, selection
 from core.backbones import configure_threads
+from core.backup import backup_workspace
 from core.catalog import now
 from core.checkpoints import run_checkpoint_path, save_checkpoint
+from core.config import DEFAULT_BACKBONE, TrainConfig
+from core.dataset_export import export_dataset
 from core.embeddings import EmbeddingCache
 from core.errors import LoupeError
-from core.jobs import RunStatus
-from core.training import EpochMetrics, Progress, TrainConfig, TrainingCancelled, train
+from core.executors import Executor, WarmEmbeddingCache, WarmVectors, make_executor
+from core.export import export_run
+from core.jobs import JobCancelled, JobKind, RunStatus
+from core.metrics import EVALUATION_SPLITS, run_figures
+from core.training import EpochMetrics, Progress, TrainingCancelled
 from core.workspace import Workspace, connect, open_workspace
 
 HEARTBEAT_SECONDS = 2.0
 # Progress is written at most this often; a batch can take milliseconds on cached embeddings.
 PROGRESS_INTERVAL_SECONDS = 0.5
-# How often the catalog is asked whether the run was cancelled.
+# How often the catalog is asked whether the job was cancelled.
 CANCEL_POLL_SECONDS = 0.25
+# How often an idle worker looks for a queued job: the wait a retrain adds before it starts.
+QUEUE_POLL_SECONDS = 0.1
 ERROR_TAIL_CHARS = 4000
 
 
 class Heartbeat:
-    """A daemon thread stamping the run's heartbeat, on its own connection (connections are per thread)."""
+    """A daemon thread stamping the worker's heartbeat and its job's, on its own connection
+    (connections are per thread)."""
 
-    def __init__(self, ws: Workspace, run_id: int, interval: float = HEARTBEAT_SECONDS):
-        self._ws, self._run_id, self._interval = ws, run_id, interval
+    def __init__(self, ws: Workspace, pid: int, interval: float = HEARTBEAT_SECONDS):
+        self._ws, self._pid, self._interval = ws, pid, interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{run_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{pid}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -58,7 +76,7 @@ class Heartbeat:
         try:
             while not self._stop.wait(self._interval):
                 try:
-                    jobs.beat(db, self._run_id)
+                    jobs.beat(db, self._pid)
                 except sqlite3.OperationalError:
                     # Busy for longer than the busy timeout: this beat is lost, the next one will do.
                     continue
@@ -67,7 +85,7 @@ class Heartbeat:
 
 
 class CatalogReporter:
-    """Training's reporter: progress and epochs into the catalog, cancel requests out of it.
+    """A job's reporter: progress and epochs into the catalog, cancel requests out of it.
 
     Writes are batched (at most one commit per PROGRESS_INTERVAL_SECONDS, plus one per new phase):
     a head on cached features can run hundreds of epochs a second, and every commit costs an fsync.
@@ -103,6 +121,16 @@ class CatalogReporter:
             self._stop = jobs.status_of(self._db, self._run_id) == RunStatus.CANCELLING
         return self._stop
 
+    def step(self, phase: str, done: int = 0, total: int = 0) -> None:
+        """Progress of a job that is not training, and its cancel point: raises JobCancelled when asked to stop."""
+        self.progress(Progress(phase, done, total, 0, 0))
+        if self.should_stop():
+            raise JobCancelled()
+
+    def counter(self, phase: str) -> Callable[[int, int], None]:
+        """`step` as a `(done, total)` callback, for work counted in items."""
+        return lambda done, total: self.step(phase, done, total)
+
     def flush(self) -> None:
         if self._latest is None and not self._epochs:
             return
@@ -115,15 +143,15 @@ class CatalogReporter:
             self.flush()
 
 
-def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
-    """Train the claimed run and store everything it produced; raises on failure or cancel."""
+# ---------------------------------------------------------------- the jobs, by kind
+
+
+def execute_run(ws: Workspace, db: Database, run_id: int, reporter: CatalogReporter, *, executor: Executor,
+                cache: EmbeddingCache) -> None:
+    """Train the claimed run on `executor` and store everything it produced; raises on failure or cancel."""
+    dataset, class_ids = selection.run_dataset(ws, db, run_id)
     config = TrainConfig.from_dict(jobs.get_run(db, run_id)["config"])
-    dataset, class_ids = jobs.run_dataset(ws, db, run_id)
-    reporter = CatalogReporter(db, run_id)
-    try:
-        result = train(config, dataset, reporter, cache=EmbeddingCache(db))
-    finally:
-        reporter.flush()
+    result = executor.train(run_id, config, dataset, reporter, cache)
     save_checkpoint(
         run_checkpoint_path(ws, run_id),
         result.model,
@@ -134,7 +162,60 @@ def execute_run(ws: Workspace, db: Database, run_id: int) -> None:
         (image_id, split_of[image_id], class_ids[int(np.argmax(probs))], list(probs))
         for image_id, probs in result.probabilities.items()
     ]
-    jobs.finish_succeeded(db, run_id, result.metrics, predictions, result.config.to_dict())
+    evaluated = [item for item in dataset.items if item.split in EVALUATION_SPLITS and item.label is not None]
+    figures = run_figures(
+        np.array([item.label for item in evaluated], dtype=np.int64),
+        np.array([int(np.argmax(result.probabilities[item.image_id])) for item in evaluated], dtype=np.int64),
+        np.array([item.split for item in evaluated], dtype=object),
+        len(dataset.classes),
+    )
+    reporter.flush()
+    # Training's own figures win where both have one; the intervals and counts are added to them.
+    jobs.finish_succeeded(db, run_id, {**figures, **result.metrics}, predictions, result.config.to_dict())
+
+
+def execute_embed(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, *, executor: Executor,
+                  cache: EmbeddingCache) -> dict:
+    """Cache the backbone's features of every image in the catalog, so later runs start from them."""
+    backbone = jobs.get_run(db, job_id)["params"].get("backbone", DEFAULT_BACKBONE)
+    items = [
+        selection.TrainItem(row["id"], row["sha256"], ws.root / row["path"], None, selection.UNLABELLED_SPLIT)
+        for row in db.query("SELECT id, sha256, path FROM images WHERE excluded = 0 ORDER BY id")
+    ]
+    computed = executor.embed(job_id, backbone, items, cache, reporter.counter("embedding"))
+    return {"backbone": backbone, "images": len(items), "computed": computed}
+
+
+def execute_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
+    params = jobs.get_run(db, job_id)["params"]
+    out = ws.root / "exports" / f"loupe-model-run-{int(params['run_id'])}.zip"
+    report = export_run(ws, db, out, run_id=int(params["run_id"]), int8=bool(params.get("int8")),
+                        on_step=reporter.step)
+    return export_result(report)
+
+
+def export_result(report) -> dict:
+    """An ExportReport as JSON for the job's `result` (the page rebuilds it with export_report)."""
+    return {**asdict(report), "path": str(report.path)}
+
+
+def execute_dataset_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
+    out = ws.root / "exports" / "loupe-dataset.zip"
+    return {"path": str(out), **export_dataset(ws, db, out, on_progress=reporter.counter("writing images"))}
+
+
+def execute_backup(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = ws.root / "backups" / f"loupe-backup-{stamp}-{job_id}.zip"
+    return {"path": str(out), **backup_workspace(ws, out, on_progress=reporter.counter("writing files"))}
+
+
+JOBS_BY_KIND = {
+    JobKind.EMBED: execute_embed,
+    JobKind.EXPORT: execute_export,
+    JobKind.DATASET_EXPORT: execute_dataset_export,
+    JobKind.BACKUP: execute_backup,
+}
 
 
 def _error_text(exc: BaseException) -> str:
@@ -143,33 +224,114 @@ def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))[-ERROR_TAIL_CHARS:]
 
 
-def run_worker(ws: Workspace, run_id: int) -> RunStatus | None:
-    """Claim and train one run; its final status, or None when it was not ours to run."""
-    db = connect(ws)
+def execute_job(ws: Workspace, db: Database, job_id: int, *, executor: Executor, cache: EmbeddingCache) -> RunStatus:
+    """Run a job this process claimed, whatever its kind, and settle it; its final status."""
+    kind = JobKind(jobs.get_run(db, job_id)["kind"])
+    reporter = CatalogReporter(db, job_id)
     try:
-        if not jobs.claim_run(db, run_id, os.getpid()):
+        if kind == JobKind.TRAIN:
+            execute_run(ws, db, job_id, reporter, executor=executor, cache=cache)
+        else:
+            result = JOBS_BY_KIND[kind](ws, db, job_id, reporter, executor=executor, cache=cache)
+            reporter.flush()
+            jobs.finish_job(db, job_id, result)
+    except (TrainingCancelled, JobCancelled):
+        reporter.flush()
+        jobs.finish_unsuccessful(db, job_id, RunStatus.CANCELLED)
+    except Exception as exc:
+        reporter.flush()
+        jobs.finish_unsuccessful(db, job_id, RunStatus.FAILED, _error_text(exc))
+        traceback.print_exc()
+    return jobs.status_of(db, job_id)
+
+
+# ---------------------------------------------------------------- the process
+
+
+def run_worker(ws: Workspace, run_id: int) -> RunStatus | None:
+    """Claim and run one queued job in this process; its final status, or None when it was not ours to run."""
+    db = connect(ws)
+    pid = os.getpid()
+    try:
+        if not jobs.claim_run(db, run_id, pid):
             return None
         configure_threads()
-        with Heartbeat(ws, run_id):
-            try:
-                execute_run(ws, db, run_id)
-            except TrainingCancelled:
-                jobs.finish_unsuccessful(db, run_id, RunStatus.CANCELLED)
-            except Exception as exc:
-                jobs.finish_unsuccessful(db, run_id, RunStatus.FAILED, _error_text(exc))
-                traceback.print_exc()
-        jobs.start_next_queued(ws, db)
-        return jobs.status_of(db, run_id)
+        name, address = jobs.executor_settings(db)
+        executor = make_executor(name, address)
+        try:
+            with Heartbeat(ws, pid):
+                return execute_job(ws, db, run_id, executor=executor, cache=EmbeddingCache(db))
+        finally:
+            executor.close()
+    except LoupeError as exc:
+        # The executor could not start (Ray missing, its cluster unreachable): the job says why.
+        jobs.finish_unsuccessful(db, run_id, RunStatus.FAILED, str(exc))
+        return RunStatus.FAILED
     finally:
         db.close()
+
+
+def serve(ws: Workspace, *, idle_exit_seconds: float = jobs.WORKER_IDLE_EXIT_SECONDS) -> int:
+    """Take queued jobs until idle for `idle_exit_seconds` or the workspace's executor changes; jobs run."""
+    db = connect(ws)
+    pid = os.getpid()
+    name, address = jobs.executor_settings(db)
+    jobs.register_worker(db, pid, name)
+    configure_threads()
+    warm = WarmVectors()
+    done = 0
+    try:
+        executor = make_executor(name, address)
+    except LoupeError as exc:
+        _fail_queued(db, str(exc))
+        jobs.retire_worker(db, pid, only_when_idle=False)
+        db.close()
+        return done
+    try:
+        with Heartbeat(ws, pid):
+            idle_since = time.monotonic()
+            while jobs.executor_settings(db) == (name, address):
+                job_id = jobs.claim_next(db, pid)
+                if job_id is not None:
+                    execute_job(ws, db, job_id, executor=executor, cache=WarmEmbeddingCache(db, warm))
+                    done += 1
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > idle_exit_seconds and jobs.retire_worker(
+                    db, pid, only_when_idle=True
+                ):
+                    return done
+                else:
+                    time.sleep(QUEUE_POLL_SECONDS)
+        # The workspace now asks for the other executor: hand the queue to a worker that runs it.
+        jobs.retire_worker(db, pid, only_when_idle=False)
+        jobs.start_next_queued(ws, db)
+        return done
+    finally:
+        jobs.retire_worker(db, pid, only_when_idle=False)
+        executor.close()
+        db.close()
+
+
+def _fail_queued(db: Database, reason: str) -> None:
+    for job in jobs.active_jobs(db):
+        if job["status"] == RunStatus.QUEUED:
+            jobs.finish_unsuccessful(db, job["id"], RunStatus.FAILED, reason)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.worker", description=__doc__)
     parser.add_argument("--workspace", default=None, help="the workspace folder (default: $LOUPE_WORKSPACE or data)")
-    parser.add_argument("run_id", type=int)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serve", action="store_true", help="take queued jobs until idle")
+    target.add_argument("run_id", type=int, nargs="?", help="run this one queued job and exit")
+    parser.add_argument("--idle-exit", type=float, default=jobs.WORKER_IDLE_EXIT_SECONDS, metavar="SECONDS",
+                        help="with --serve: exit after this long without a job")
     args = parser.parse_args(argv)
-    status = run_worker(open_workspace(args.workspace), args.run_id)
+    ws = open_workspace(args.workspace)
+    if args.serve:
+        serve(ws, idle_exit_seconds=args.idle_exit)
+        return 0
+    status = run_worker(ws, args.run_id)
     return 0 if status in (None, RunStatus.SUCCEEDED) else 1
 
 

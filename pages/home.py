@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import catalog, ingest
 from core.errors import LoupeError
+from core.workspace import read_only_message
 from dashboard import state
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "zip"]
@@ -14,6 +15,11 @@ UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "zip"
 def show_report(outcomes: list[ingest.IngestOutcome]) -> None:
     counts = ingest.summarise(outcomes)
     st.success(", ".join(f"{name}: {count}" for name, count in counts.items()))
+    if counts["conflicts"]:
+        st.warning(
+            f"{counts['conflicts']} copies of images already in the catalog carry another label: the catalog's "
+            "label is kept and each disagreement waits in the review queue."
+        )
     st.dataframe(
         pd.DataFrame(
             {
@@ -46,13 +52,22 @@ def import_new_uploads(db, files: list) -> None:
 
 
 def import_server_path(db, path: str) -> None:
+    """Scan, then import, showing progress; any click on the page (the Stop button) interrupts it between
+    files, keeping what was imported, and the next run says where it stopped."""
     ws = state.workspace()
-    items = ingest.items_from_path(path)
-    progress = st.progress(0.0, text=f"Importing {len(items)} files")
-    outcomes = ingest.ingest_items(
-        ws, db, items, who=state.user(),
-        on_progress=lambda done: progress.progress(done / len(items), text=f"Imported {done} of {len(items)}"),
+    st.button("Stop importing", key="stop_import")
+    progress = st.progress(0.0, text="Looking for files")
+    items = ingest.items_from_path(
+        path, on_progress=lambda found: progress.progress(0.0, text=f"Looking for files: {found} found")
     )
+    interrupted = st.session_state["import_interrupted"] = {"done": 0, "total": len(items)}
+
+    def imported(done: int) -> None:
+        interrupted["done"] = done
+        progress.progress(done / len(items), text=f"Imported {done} of {len(items)}")
+
+    outcomes = ingest.ingest_items(ws, db, items, who=state.user(), on_progress=imported)
+    del st.session_state["import_interrupted"]
     progress.empty()
     st.session_state["import_report"] = outcomes
 
@@ -79,6 +94,9 @@ def overview_section(db) -> None:
 
 def import_section(db) -> None:
     st.subheader("Import images")
+    if state.workspace().read_only:
+        st.warning(read_only_message(state.workspace()))
+        return
     upload_tab, server_tab = st.tabs(["Upload", "From this computer's disk"])
     with upload_tab:
         files = st.file_uploader(
@@ -86,17 +104,27 @@ def import_section(db) -> None:
             type=UPLOAD_TYPES, accept_multiple_files=True, key="upload",
         )
         if files:
-            import_new_uploads(db, files)
+            try:
+                import_new_uploads(db, files)
+            except LoupeError as exc:
+                st.error(str(exc))
     with server_tab:
         path = st.text_input(
-            "Folder (root/<class>/<image>, optionally under train/ val/ test/) or a list file of `path label` lines",
+            "Full path of a folder (root/<class>/<image>, optionally under train/ val/ test/), a .zip, "
+            "or a list file of `path label` lines",
             key="server_path",
         )
         if st.button("Import", key="import_server"):
+            st.session_state.pop("import_interrupted", None)
             try:
                 import_server_path(db, path.strip())
             except LoupeError as exc:
                 st.error(str(exc))
+        elif stopped := st.session_state.pop("import_interrupted", None):
+            st.info(
+                f"The import stopped after {stopped['done']} of {stopped['total']} files; the images imported "
+                "so far are kept. Import again to finish: what is already in the catalog counts as a duplicate."
+            )
     if "import_report" in st.session_state:
         show_report(st.session_state["import_report"])
 

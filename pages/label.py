@@ -1,26 +1,36 @@
-"""Label: a paginated grid to label many images at once, and a keyboard-driven focus mode."""
+"""Label: a keyboard focus mode, a selectable grid, similar images and a map of the catalog.
 
+Focus mode and the grid are drawn in the browser by `dashboard.components.labeller`: a key acts
+at once on the image on screen, and the resulting events come here, where each is applied to the
+catalog exactly once (by its id) and acknowledged back.
+"""
+
+import base64
+import functools
 import math
+import uuid
 
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 
-from core import catalog, images, ingest, uncertainty
+from core import catalog, embedding_map, images, similar, uncertainty
 from core.errors import LoupeError
-from dashboard import state
+from dashboard import components, state
 
+MODES = ["Grid", "Focus", "Map"]
 PAGE_SIZES = [24, 48, 96]
-GRID_COLUMNS = 6
-SHORTCUT_CLASSES = 9
-UNDO_SHORTCUT = "U"
+# Images the browser holds ahead in focus mode: at 15 keys a second, two seconds of labelling.
+WINDOW = 30
+PREVIEW_SIDE = 640
+SIMILAR_COUNT = 48
+FOCUS_KEY = "focus_labeller"
+GRID_KEY = "grid_labeller"
 ANY = "Any"
 UNLABELLED = "Unlabelled"
-
-# How focus mode picks the next image to label: name -> function(db, after_id) -> image id or None.
-NEXT_IMAGE_ORDERS = {
-    "Catalog order": catalog.next_unlabelled_image_id,
-    "Model is unsure first": uncertainty.next_unsure_image_id,
-}
+CATALOG_ORDER = "Catalog order"
+UNSURE_FIRST = "Model is unsure first"
+COLOUR_BY = {"Label": "label", "Prediction": "prediction", "Split": "split"}
 
 
 def run_action(action, *args) -> None:
@@ -31,222 +41,434 @@ def run_action(action, *args) -> None:
         st.session_state["label_error"] = str(exc)
 
 
+# ---------------------------------------------------------------- pictures for the browser
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def preview_url(path: str, thumb_path: str) -> str:
+    try:
+        data = images.preview_jpeg(path, PREVIEW_SIDE)
+    except LoupeError:
+        return thumb_url(thumb_path)  # a stored file that no longer decodes still shows its thumbnail
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumb_url(path: str) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+def stored(relative: str) -> str:
+    return str(state.workspace().root / relative)
+
+
+# ---------------------------------------------------------------- events from the browser
+
+
+def apply_outbox(key: str) -> tuple[components.Outbox, list[str], dict | None]:
+    """Apply the component's pending events; returns what it reported, the events' ids (to
+    acknowledge) and the image an undo brought back (as a jump for the browser)."""
+    outbox = components.read_outbox((st.session_state.get(key) or {}).get("outbox"))
+    db, who = state.db(), state.user()
+    acknowledged, jump = [], None
+    for event in outbox.events:
+        if event.kind == "undo":
+            record = catalog.apply_undo_event(db, event.event_id, who=who)
+            if record["image_id"] is not None:
+                jump = {"token": event.event_id, "id": record["image_id"]}
+            elif record["fresh"]:
+                st.session_state["label_message"] = "Nothing of yours to undo."
+        else:
+            record = catalog.apply_label_event(db, event.event_id, list(event.image_ids), event.class_name, who=who)
+        if record["error"] and record["fresh"]:
+            st.session_state["label_error"] = record["error"]
+        acknowledged.append(event.event_id)
+    return outbox, acknowledged, jump
+
+
+def mount_labeller(key: str, data: dict) -> None:
+    components.labeller(key=key, data=data, on_outbox_change=functools.partial(on_outbox_change, key))
+
+
+def on_outbox_change(key: str) -> None:
+    # Applied as soon as the events arrive; the page applies them again when it is drawn (a no-op).
+    apply_outbox(key)
+
+
+def handle_similar_request() -> None:
+    """Open the images most like the one a "find similar" asked for, once per request; before the
+    mode switch is drawn, since it switches to the grid."""
+    for key in (FOCUS_KEY, GRID_KEY):
+        asked = components.read_outbox((st.session_state.get(key) or {}).get("outbox")).similar
+        if asked and asked[0] not in st.session_state.setdefault("similar_done", set()):
+            st.session_state["similar_done"].add(asked[0])
+            run_action(show_similar, asked[1])
+
+
+def show_similar(image_id: int) -> None:
+    db = state.db()
+    versions = similar.embedding_versions(db)
+    if not versions:
+        raise LoupeError("No image has a cached embedding yet: train a model first (training embeds the images).")
+    found = similar_index(versions[0]["key"], similar.embedding_signature(db, versions[0]["key"]))
+    matches = found.most_similar(image_id, k=SIMILAR_COUNT)
+    open_in_grid(f"the {len(matches)} images most similar to #{image_id}", [image_id] + [i for i, _ in matches])
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading embeddings…")
+def similar_index(key: str, signature: tuple[int, int]) -> similar.EmbeddingIndex:
+    # Keyed by the signature: a new or replaced embedding loads the index again.
+    return similar.load_index(state.db(), key)
+
+
+def open_in_grid(title: str, image_ids: list[int]) -> None:
+    st.session_state["grid_source"] = {"title": title, "ids": image_ids}
+    st.session_state["label_mode"] = "Grid"
+    st.session_state.pop("grid_page", None)
+
+
+def close_grid_source() -> None:
+    st.session_state.pop("grid_source", None)
+
+
 # ---------------------------------------------------------------- grid
 
 
-def grid_filter(classes: list[str]) -> catalog.ImageFilter:
-    columns = st.columns([2, 1, 2, 1])
-    shown = columns[0].selectbox("Show", [ANY, UNLABELLED, *classes], key="grid_class")
+def grid_filter(db, classes: list[str]) -> catalog.ImageFilter:
+    columns = st.columns([2, 1, 2, 2, 2, 1])
+    shown = columns[0].selectbox("Label", [ANY, UNLABELLED, *classes], key="grid_class")
     split = columns[1].selectbox("Split", [ANY, *catalog.SPLITS], key="grid_split")
     name = columns[2].text_input("File name contains", key="grid_name")
-    columns[3].selectbox("Per page", PAGE_SIZES, index=1, key="grid_page_size")
+    predicted = columns[3].selectbox("Predicted class", [ANY, *classes], key="grid_predicted")
+    low, high = columns[4].slider("Model confidence", 0.0, 1.0, (0.0, 1.0), 0.05, key="grid_confidence")
+    columns[5].selectbox("Per page", PAGE_SIZES, index=1, key="grid_page_size")
+    restricted = None
+    source = st.session_state.get("grid_source")
+    if source:
+        restricted = set(source["ids"])
+    if predicted != ANY or (low, high) != (0.0, 1.0):
+        predictions = catalog.current_predictions(db)
+        if not predictions:
+            st.caption("No current model: the prediction filters apply once a model is trained.")
+        else:
+            chosen = {
+                image_id for image_id, (name_, confidence) in predictions.items()
+                if (predicted == ANY or name_ == predicted) and low <= confidence <= high
+            }
+            restricted = chosen if restricted is None else restricted & chosen
     return catalog.ImageFilter(
         class_name=shown if shown not in (ANY, UNLABELLED) else None,
         unlabelled=shown == UNLABELLED,
         split=split if split != ANY else None,
         name_contains=name.strip() or None,
+        image_ids=tuple(sorted(restricted)) if restricted is not None else None,
     )
 
 
-def selected_ids() -> set[int]:
-    return st.session_state.setdefault("grid_selected", set())
+def page_of_images(db, image_filter: catalog.ImageFilter, page: int, page_size: int) -> tuple[int, list[dict]]:
+    """How many images match, and this page of them: in the source's order (most similar first) when
+    the grid shows a chosen set, else in catalog order."""
+    source = st.session_state.get("grid_source")
+    if not source:
+        total = catalog.count_images(db, image_filter)
+        return total, catalog.list_images(db, image_filter, limit=page_size, offset=(page - 1) * page_size)
+    matching = set(catalog.image_ids(db, image_filter))
+    ordered = [i for i in source["ids"] if i in matching]
+    chosen = ordered[(page - 1) * page_size : page * page_size]
+    rows = {r["id"]: r for r in catalog.list_images(db, catalog.ImageFilter(image_ids=tuple(chosen)), limit=len(chosen))}
+    return len(ordered), [rows[i] for i in chosen if i in rows]
 
 
-def toggle_selection(image_id: int) -> None:
-    if st.session_state[f"select_{image_id}"]:
-        selected_ids().add(image_id)
-    else:
-        selected_ids().discard(image_id)
-
-
-def select_images(ids: list[int]) -> None:
-    selected_ids().update(ids)
-
-
-def select_all_matching(image_filter: catalog.ImageFilter) -> None:
-    select_images(catalog.image_ids(state.db(), image_filter))
-
-
-def clear_selection() -> None:
-    selected_ids().clear()
-
-
-def label_selection() -> None:
-    # Read at click time: arguments bound when the button was drawn may predate the choice.
-    class_name = st.session_state["grid_target"]
+def label_all_matching(image_filter: catalog.ImageFilter) -> None:
+    class_name = st.session_state.get("grid_all_target")
     if not class_name:
         raise LoupeError("Choose a class first.")
-    ids = sorted(selected_ids())
+    ids = catalog.image_ids(state.db(), image_filter)
     changed = catalog.set_labels(state.db(), ids, class_name, state.user())
-    st.session_state["label_message"] = f"Labelled {changed} of {len(ids)} selected images as {class_name}."
-    clear_selection()
+    st.session_state["label_message"] = f"Labelled {changed} of {len(ids)} matching images as {class_name}."
 
 
-def grid_mode(db, classes: list[str]) -> None:
-    image_filter = grid_filter(classes)
+def grid_mode(db, classes: list[str], acknowledged: list[str]) -> None:
+    if source := st.session_state.get("grid_source"):
+        info, back = st.columns([4, 1])
+        info.info(f"Showing {source['title']}.")
+        back.button("Show all images", key="close_grid_source", on_click=close_grid_source)
+    image_filter = grid_filter(db, classes)
     page_size = st.session_state["grid_page_size"]
-    total = catalog.count_images(db, image_filter)
+    total, rows = page_of_images(db, image_filter, st.session_state.get("grid_page", 1), page_size)
     pages = max(1, math.ceil(total / page_size))
     if st.session_state.get("grid_page", 1) > pages:
-        del st.session_state["grid_page"]  # a narrower filter has fewer pages: start again at the first
-    page = st.session_state.get("grid_page", 1)
-    rows = catalog.list_images(db, image_filter, limit=page_size, offset=(page - 1) * page_size)
-
-    selected = selected_ids()
-    bar = st.columns([3, 1, 1, 1])
-    bar[0].caption(f"{total} images match, {len(selected)} selected")
-    bar[1].button("Select page", key="select_page", on_click=select_images, args=([r["id"] for r in rows],))
-    bar[2].button("Select all matching", key="select_all", on_click=select_all_matching, args=(image_filter,))
-    bar[3].button("Clear selection", key="clear_selection", on_click=clear_selection)
-
-    assign = st.columns([3, 1])
-    target = assign[0].selectbox(
-        "Label the selected images as", classes, key="grid_target",
-        placeholder="Add a class on the Home page first" if not classes else "Choose a class",
-    )
-    assign[1].button(
-        f"Label {len(selected)} selected", key="label_selected", type="primary",
-        disabled=not (selected and target), on_click=run_action, args=(label_selection,),
-    )
-
+        st.session_state.pop("grid_page")  # a narrower filter has fewer pages: start again at the first
+        total, rows = page_of_images(db, image_filter, 1, page_size)
+    st.caption(f"{total} images match.")
     if not rows:
         st.info("No images match. Import images on the Home page, or change the filter.")
-        return
-    for start in range(0, len(rows), GRID_COLUMNS):
-        for column, row in zip(st.columns(GRID_COLUMNS), rows[start : start + GRID_COLUMNS]):
-            with column:
-                st.image(str(state.workspace().root / row["thumb_path"]), width="stretch")
-                # Widget state is set before the widget is drawn, from the selection that callbacks keep.
-                st.session_state[f"select_{row['id']}"] = row["id"] in selected
-                st.checkbox(
-                    f"#{row['id']} · {row['label'] or 'unlabelled'}",
-                    key=f"select_{row['id']}", on_change=toggle_selection, args=(row["id"],),
-                    help=f"{row['original_name']} ({row['split'] or 'no split yet'})",
-                )
+    else:
+        tiles = [
+            {
+                "id": row["id"], "src": thumb_url(stored(row["thumb_path"])), "name": row["original_name"],
+                "label": row["label"], "caption": f"{row['original_name']} ({row['split'] or 'no split yet'})",
+            }
+            for row in rows
+        ]
+        page_token = f"{image_filter}|{st.session_state.get('grid_page', 1)}|{page_size}"
+        mount_labeller(GRID_KEY, {
+            "mode": "grid", "channel": "grid", "tiles": tiles, "classes": components.class_keys(classes),
+            "acked": acknowledged, "page_token": page_token,
+        })
     if pages > 1:
         st.pagination(pages, key="grid_page")
+    with st.expander(f"Label all {total} matching images at once"):
+        st.selectbox("as", classes, key="grid_all_target", index=None, placeholder="Choose a class")
+        st.button(
+            f"Label all {total}", key="label_all_matching", disabled=not total,
+            on_click=run_action, args=(label_all_matching, image_filter),
+        )
 
 
 # ---------------------------------------------------------------- focus
 
 
-def next_image_id(db, after_id: int) -> int | None:
-    return NEXT_IMAGE_ORDERS[st.session_state.get("focus_order", "Catalog order")](db, after_id)
+def focus_order(db, order: str, anchor: int) -> tuple[list[int], int]:
+    """Up to WINDOW images to label after `anchor` in this order, and how many the order has left."""
+    if order == CATALOG_ORDER:
+        ahead = catalog.unlabelled_image_ids_after(db, anchor, limit=WINDOW)
+        return ahead, catalog.count_images(db, catalog.ImageFilter(unlabelled=True))
+    unsure = uncertainty.unsure_first_image_ids(db)
+    if anchor in unsure:
+        at = unsure.index(anchor)
+        return (unsure[at + 1 :] + unsure[:at])[:WINDOW], len(unsure)
+    return unsure[:WINDOW], len(unsure)
 
 
-def label_focused(class_name: str | None) -> None:
-    if not class_name:
-        raise LoupeError("Choose a class or type a new class name first.")
-    db, image_id = state.db(), st.session_state["focus_id"]
-    catalog.set_label(db, image_id, class_name, state.user())
-    st.session_state["focus_id"] = next_image_id(db, image_id) or image_id
+def restart_focus() -> None:
+    # A new order starts at its first image: the browser jumps there.
+    st.session_state["focus_restart"] = True
 
 
-def label_focused_other() -> None:
-    # Read at click time: arguments bound when the button was drawn may predate what was typed.
-    typed = st.session_state.get("focus_new_class", "").strip()
-    label_focused(typed or st.session_state.get("focus_other"))
+def pictures_in_browser(outbox: components.Outbox) -> set[int]:
+    """The images whose picture this mount of the focus component already has (those it reports
+    missing excepted): a window sends each picture once, not on every rerun."""
+    sent = st.session_state.get("focus_pictures_sent")
+    if sent is None or sent["client"] != outbox.client:
+        sent = st.session_state["focus_pictures_sent"] = {"client": outbox.client, "ids": set()}
+    sent["ids"] -= outbox.missing
+    return sent["ids"]
 
 
-def step_focus(step: int) -> None:
-    neighbour = catalog.neighbour_image_id(state.db(), st.session_state["focus_id"], step)
-    if neighbour is not None:
-        st.session_state["focus_id"] = neighbour
+def focus_item(db, image_id: int, *, with_picture: bool) -> dict:
+    image = catalog.get_image(db, image_id)
+    suggestion = uncertainty.suggested_label(db, image_id) if image["label"] is None else None
+    return {
+        "id": image_id,
+        "src": preview_url(stored(image["path"]), stored(image["thumb_path"])) if with_picture else None,
+        "name": image["original_name"],
+        "caption": f"{image['width']}×{image['height']} {image['format']} · split: {image['split'] or 'not yet'}",
+        "label": image["label"],
+        "suggestion": suggestion[0] if suggestion else None,
+        "confidence": f"{suggestion[1]:.0%}" if suggestion else None,
+    }
 
 
-def skip_to_unlabelled() -> None:
-    found = next_image_id(state.db(), st.session_state["focus_id"])
-    if found is not None:
-        st.session_state["focus_id"] = found
+def focus_anchor(db, order: str, reported: int | None) -> int | None:
+    """The image focus mode is on: the one on screen, else the last one seen, else the order's first."""
+    if st.session_state.pop("focus_restart", False):
+        reported = None
+        st.session_state.pop("focus_id", None)
+    for candidate in (reported, st.session_state.get("focus_id")):
+        if candidate is not None and catalog.count_images(db, catalog.ImageFilter(image_ids=(candidate,))):
+            return candidate
+    ahead, _ = focus_order(db, order, 0)
+    first = ahead[0] if ahead else catalog.neighbour_image_id(db, 0, +1)
+    if first is not None:
+        st.session_state["focus_jump"] = {"token": uuid.uuid4().hex, "id": first}
+    return first
 
 
-def undo_label() -> None:
-    image_id = catalog.undo_last_label(state.db(), state.user())
-    if image_id is None:
-        st.session_state["label_message"] = "Nothing of yours to undo."
-    else:
-        st.session_state["focus_id"] = image_id
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def preview(path: str) -> bytes:
-    return images.preview_jpeg(path)
-
-
-def current_focus_id(db) -> int | None:
-    image_id = st.session_state.get("focus_id")
-    if image_id is not None and _exists(db, image_id):
-        return image_id
-    image_id = next_image_id(db, 0) or catalog.neighbour_image_id(db, 0, +1)
-    st.session_state["focus_id"] = image_id
-    return image_id
-
-
-def _exists(db, image_id: int) -> bool:
-    try:
-        catalog.get_image(db, image_id)
-    except LoupeError:
-        return False
-    return True
-
-
-def focus_mode(db, classes: list[str]) -> None:
-    st.selectbox("Next image", list(NEXT_IMAGE_ORDERS), key="focus_order", width=300)
-    image_id = current_focus_id(db)
-    if image_id is None:
+def focus_mode(db, classes: list[str], applied: tuple[components.Outbox, list[str], dict | None]) -> None:
+    order = st.selectbox("Next image", [CATALOG_ORDER, UNSURE_FIRST], key="focus_order", width=300, on_change=restart_focus)
+    outbox, acknowledged, undo_jump = applied
+    if undo_jump:
+        st.session_state["focus_jump"] = undo_jump
+    anchor = undo_jump["id"] if undo_jump else focus_anchor(db, order, outbox.current)
+    if anchor is None:
         st.info("No images yet: import some on the Home page.")
         return
-    image = catalog.get_image(db, image_id)
-    picture, controls = st.columns([3, 2])
-    with picture:
-        st.image(preview(str(state.workspace().root / image["path"])), width="stretch")
-    with controls:
-        st.markdown(f"**#{image['id']}** {image['original_name']}")
-        st.caption(
-            f"{image['width']}×{image['height']} {image['format']} · split: {image['split'] or 'not yet'}"
-            f" · labelled by {image['labelled_by'] or 'nobody'}"
-        )
-        st.markdown(f"Label: **{image['label'] or 'unlabelled'}**")
-        # The current model's guess, pre-selected: accepting it is one key press.
-        suggestion = uncertainty.suggested_label(db, image_id) if image["label"] is None else None
-        if suggestion:
-            st.button(
-                f"Accept the model's suggestion: {suggestion[0]} ({suggestion[1]:.0%})", key="accept_suggestion",
-                shortcut="Enter", type="primary", width="stretch", on_click=run_action, args=(label_focused, suggestion[0]),
-            )
-        for number, name in enumerate(classes[:SHORTCUT_CLASSES], start=1):
-            st.button(
-                f"{number} · {name}", key=f"assign_{number}", shortcut=str(number), width="stretch",
-                type="primary" if name == (image["label"] or (suggestion and suggestion[0])) else "secondary",
-                on_click=run_action, args=(label_focused, name),
-            )
-        if len(classes) > SHORTCUT_CLASSES:
-            st.selectbox("More classes", classes[SHORTCUT_CLASSES:], key="focus_other", index=None)
-        st.text_input("New class", key="focus_new_class", placeholder="Type a class name, then press the button")
-        st.button("Label with the class above", key="assign_other", on_click=run_action, args=(label_focused_other,))
-        move = st.columns(2)
-        move[0].button("Previous", key="previous", shortcut="Left", on_click=step_focus, args=(-1,), width="stretch")
-        move[1].button("Next", key="next", shortcut="Right", on_click=step_focus, args=(+1,), width="stretch")
-        move[0].button("Next unlabelled", key="next_unlabelled", shortcut="N", on_click=skip_to_unlabelled,
-                       width="stretch")
-        move[1].button("Undo my last label", key="undo", shortcut=UNDO_SHORTCUT, on_click=run_action,
-                       args=(undo_label,), width="stretch")
-        st.caption("Keys: 1-9 label, Enter accepts the suggestion, ← → move, N next unlabelled, U undo your last label.")
-        history = catalog.label_history(db, image_id)
-        if history:
-            st.markdown("History")
+    st.session_state["focus_id"] = anchor
+    ahead, remaining = focus_order(db, order, anchor)
+    window = [anchor] + [i for i in ahead if i != anchor]
+    in_browser = pictures_in_browser(outbox)
+    items = [focus_item(db, i, with_picture=i not in in_browser) for i in window]
+    in_browser.update(window)
+    mount_labeller(FOCUS_KEY, {
+        "mode": "focus", "channel": "focus", "window": items,
+        "classes": components.class_keys(classes), "acked": acknowledged, "remaining": remaining,
+        "show": st.session_state.get("focus_jump"),
+    })
+    if len(classes) > len(components.CLASS_KEYS):
+        st.caption(f"Classes past the {len(components.CLASS_KEYS)}th have no key: click their buttons.")
+    history = catalog.label_history(db, anchor)
+    if history:
+        with st.expander(f"History of #{anchor}"):
             st.dataframe(pd.DataFrame(history), hide_index=True, width="stretch")
+
+
+# ---------------------------------------------------------------- map
+
+
+@st.fragment(run_every=2)
+def wait_for_map(key: str, signature: tuple[int, int], images_in_map: int) -> None:
+    ws = state.workspace()
+    if embedding_map.cached_map(ws, key, signature) or embedding_map.map_error(ws, key, signature):
+        st.rerun(scope="app")
+    if not embedding_map.map_running(ws, key, signature):
+        embedding_map.start_map(ws, key, signature)
+    st.info(f"Drawing the map of {images_in_map} images in the background: keep labelling meanwhile.")
+
+
+def open_map_selection(image_ids: list[int]) -> None:
+    open_in_grid(f"the {len(image_ids)} images selected on the map", image_ids)
+
+
+def map_mode(db) -> None:
+    versions = similar.embedding_versions(db)
+    if not versions:
+        st.info("The map is drawn from cached embeddings: train a model on the Train page first (training embeds the images).")
+        return
+    key, ws = versions[0]["key"], state.workspace()
+    signature = similar.embedding_signature(db, key)
+    drawn = embedding_map.cached_map(ws, key, signature)
+    if drawn is None:
+        if error := embedding_map.map_error(ws, key, signature):
+            st.error(error)
+            return
+        embedding_map.start_map(ws, key, signature)
+        wait_for_map(key, signature, versions[0]["images"])
+        return
+    colour = st.segmented_control("Colour by", list(COLOUR_BY), default="Label", key="map_colour") or "Label"
+    rows = {r["id"]: r for r in catalog.list_images(db, catalog.ImageFilter(image_ids=tuple(drawn.image_ids.tolist())),
+                                                    limit=len(drawn.image_ids))}
+    predictions = catalog.current_predictions(db)
+    keep = [i for i, image_id in enumerate(drawn.image_ids.tolist()) if image_id in rows]
+    ids = [int(drawn.image_ids[i]) for i in keep]
+    points = pd.DataFrame({
+        "id": ids,
+        "x": drawn.xy[keep, 0],
+        "y": drawn.xy[keep, 1],
+        "name": [rows[i]["original_name"] for i in ids],
+        "label": [rows[i]["label"] or UNLABELLED.lower() for i in ids],
+        "prediction": [predictions[i][0] if i in predictions else "no prediction" for i in ids],
+        "split": [rows[i]["split"] or "no split yet" for i in ids],
+    })
+    figure = px.scatter(points, x="x", y="y", color=COLOUR_BY[colour], hover_name="name", custom_data=["id"])
+    figure.update_layout(dragmode="lasso", xaxis_visible=False, yaxis_visible=False, height=600)
+    event = st.plotly_chart(figure, on_select="rerun", selection_mode=("lasso", "box"), key="embedding_map")
+    chosen = sorted({int(point["customdata"][0]) for point in event.selection.points}) if event else []
+    st.button(
+        f"Open the {len(chosen)} selected images in the grid", key="open_map_selection", disabled=not chosen,
+        type="primary", on_click=open_map_selection, args=(chosen,),
+    )
+    st.caption("Draw a lasso or a box around points to select them.")
+
+
+# ---------------------------------------------------------------- classes
+
+
+def typed_class_name(db, key: str) -> tuple[str, str | None]:
+    """The name typed under `key` (trimmed), and the existing class it matches, if any."""
+    name = catalog.clean_class_name(st.session_state.get(key) or "")
+    return name, catalog.matching_class_name(db, name)
+
+
+def add_typed_class() -> None:
+    db = state.db()
+    name, existing = typed_class_name(db, "label_new_class")
+    if existing:
+        st.session_state["label_message"] = (
+            f"{name!r} is the existing class {existing!r}." if existing != name else f"Class {name!r} already exists."
+        )
+        return
+    catalog.add_class(db, name)
+    st.session_state["label_message"] = f"Class {name!r} is ready."
+
+
+def ask_class_change(action: str) -> None:
+    source = st.session_state.get("class_source")
+    if not source:
+        raise LoupeError("Choose a class first.")
+    target = (st.session_state.get("class_target") or "").strip() if action != "archive" else None
+    if action != "archive" and not target:
+        raise LoupeError(f"Type or choose the class to {action} {source!r} {'to' if action == 'rename' else 'into'}.")
+    st.session_state["class_confirm"] = {"action": action, "source": source, "target": target}
+
+
+def confirm_class_change() -> None:
+    asked = st.session_state.pop("class_confirm")
+    db, who, source, target = state.db(), state.user(), asked["source"], asked["target"]
+    if asked["action"] == "rename":
+        catalog.rename_class(db, source, target, who=who)
+        message = f"Renamed {source!r} to {target!r}."
+    elif asked["action"] == "merge":
+        moved = catalog.merge_classes(db, source, catalog.matching_class_name(db, target) or target, who)
+        message = f"Moved {moved} labels from {source!r} to {target!r}; {source!r} is archived."
+    else:
+        catalog.archive_class(db, source, who=who)
+        message = f"Archived {source!r}: its labels are kept."
+    st.session_state["label_message"] = message
+
+
+def cancel_class_change() -> None:
+    st.session_state.pop("class_confirm", None)
+
+
+def undo_class_change(change_id: int) -> None:
+    st.session_state["label_message"] = catalog.undo_class_change(state.db(), change_id, who=state.user())
+
+
+def class_section(db, classes: list[str]) -> None:
+    with st.expander("Classes"):
+        add, change = st.columns(2)
+        with add:
+            st.text_input("New class", key="label_new_class", help="Matched to existing classes whatever its case.")
+            st.button("Add class", key="label_add_class", on_click=run_action, args=(add_typed_class,))
+        with change:
+            st.selectbox("Class", classes, key="class_source", index=None, placeholder="Choose a class")
+            st.text_input("New name, or the class to merge into", key="class_target")
+            buttons = st.columns(3)
+            for column, action in zip(buttons, ["rename", "merge", "archive"]):
+                column.button(f"{action.capitalize()}…", key=f"ask_{action}", on_click=run_action,
+                              args=(ask_class_change, action), width="stretch")
+        if asked := st.session_state.get("class_confirm"):
+            what = {
+                "rename": f"Rename {asked['source']!r} to {asked['target']!r}?",
+                "merge": f"Move every label of {asked['source']!r} to {asked['target']!r} and archive {asked['source']!r}?",
+                "archive": f"Archive {asked['source']!r}? Its labels are kept; it is hidden from labelling.",
+            }[asked["action"]]
+            st.warning(what)
+            yes, no = st.columns(2)
+            yes.button("Confirm", key="confirm_class_change", type="primary", on_click=run_action,
+                       args=(confirm_class_change,))
+            no.button("Cancel", key="cancel_class_change", on_click=cancel_class_change)
+        if last := catalog.last_class_change(db):
+            st.button(f"Undo the last class change ({last['action']} by {last['who']})", key="undo_class_change",
+                      on_click=run_action, args=(undo_class_change, last["id"]))
 
 
 st.title("Label")
 database = state.db()
 class_list = catalog.class_names(database)
-mode = st.radio("Mode", ["Grid", "Focus"], horizontal=True, key="label_mode", label_visibility="collapsed")
+handle_similar_request()
+mode = st.radio("Mode", MODES, horizontal=True, key="label_mode", label_visibility="collapsed")
+# Events are applied before anything is drawn, so counts, windows and messages already include them.
+applied_events = apply_outbox({"Grid": GRID_KEY, "Focus": FOCUS_KEY}[mode]) if mode != "Map" else None
 if error := st.session_state.pop("label_error", None):
     st.error(error)
 if message := st.session_state.pop("label_message", None):
     st.success(message)
+class_section(database, class_list)
 if mode == "Grid":
-    grid_mode(database, class_list)
+    grid_mode(database, class_list, applied_events[1])
+elif mode == "Focus":
+    focus_mode(database, class_list, applied_events)
 else:
-    focus_mode(database, class_list)
+    map_mode(database)

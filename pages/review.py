@@ -1,24 +1,26 @@
 """Review: where a run's model fails and why, hard-example queues, and the expert's decisions on each image."""
 
+import html
 import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
 from core import catalog, hard, jobs, reviews
 from core.checkpoints import TrainedModel, load_run_model
+from core.compare import compare_runs, reviewer_agreement
+from core.config import PRESETS
 from core.errors import LoupeError
 from core.explain import CAM_METHOD_NAMES, explain, overlay, prepare_for_cam
 from core.images import open_image_rgb
 from core.metrics import (
-    EVALUATION_SPLITS, RunPredictions, compare_runs, confusion_cell_images, load_run_predictions, split_metrics,
+    EVALUATION_SPLITS, MIN_IMAGES_TO_JUDGE, Estimate, RunPredictions, confusion_cell_images, headline,
+    load_run_predictions, score_estimates, split_metrics, stored_headline,
 )
-from core.training import PRESETS
 from core.workspace import Workspace
 from dashboard import state
 
@@ -26,7 +28,7 @@ DISPLAY_SIZE = 512
 QUEUES = {
     "misclassified": "Misclassified (most confidently wrong first)",
     "uncertain": "Right, but unsure (smallest margin first)",
-    "mislabelled": "Likely mislabelled (cross-validated, cleanlab)",
+    "mislabelled": "Likely mislabelled (flagged by cleanlab, cross-validated)",
     "duplicates": "Near-duplicates (leakage, conflicting labels)",
     "unlabelled": "Unlabelled: what to label next",
 }
@@ -72,13 +74,34 @@ def _mislabelled(root: str, run_id: int) -> pd.DataFrame:
     return hard.run_mislabelled_queue(Workspace(Path(root)), db, jobs.get_run(db, run_id), _predictions(root, run_id))
 
 
-@st.cache_data(max_entries=8, show_spinner="Comparing embeddings…")
-def _duplicates(root: str, run_id: int) -> pd.DataFrame:
+@st.cache_data(max_entries=8, show_spinner="Hashing thumbnails…")
+def _hashes(root: str, run_id: int) -> np.ndarray:
+    return hard.run_image_hashes(Workspace(Path(root)), state.db(), _predictions(root, run_id).image_ids)
+
+
+@st.cache_data(max_entries=16, show_spinner="Comparing images…")
+def _duplicates(root: str, run_id: int, threshold: float, hash_distance: int) -> pd.DataFrame:
     ws, db = Workspace(Path(root)), state.db()
     p = _predictions(root, run_id)
     features = hard.run_embeddings(ws, db, jobs.get_run(db, run_id), p.image_ids)
     labels = [p.classes[label] if label >= 0 else None for label in p.labels]
-    return hard.near_duplicate_queue(p.image_ids, p.splits, labels, features)
+    return hard.near_duplicate_queue(
+        p.image_ids, p.splits, labels, features, hashes=_hashes(root, run_id), threshold=threshold,
+        hash_distance=hash_distance,
+    )
+
+
+@st.cache_data(max_entries=8, show_spinner="Cross-validating on the cached embeddings…")
+def _cross_validated(root: str, run_id: int) -> Estimate | None:
+    """Accuracy of a classifier on the run's cached embeddings, each labelled image predicted by
+    folds that never saw it; None when some embeddings are not cached (a fine-tuned run)."""
+    ws, db = Workspace(Path(root)), state.db()
+    labelled = _predictions(root, run_id).labelled()
+    features = hard.run_embeddings(ws, db, jobs.get_run(db, run_id), labelled.image_ids, compute_missing=False)
+    if features is None:
+        return None
+    probs = hard.out_of_fold_probs(features, labelled.labels)
+    return score_estimates(labelled.labels, probs.argmax(axis=1), len(labelled.classes))["accuracy"]
 
 
 @st.cache_data(max_entries=16, show_spinner="Ordering unlabelled images…")
@@ -99,33 +122,55 @@ def _open_image(image_id: int) -> None:
     st.session_state["review_image"] = int(image_id)
 
 
+def _open_picked(key: str) -> None:
+    if (picked := st.session_state[key]) is not None:
+        _open_image(picked)
+        # Back to the placeholder, so the same image can be chosen, and opened, again later.
+        st.session_state[key] = None
+
+
 def _display_copy(image: Image.Image) -> Image.Image:
     copy = image.copy()
     copy.thumbnail((DISPLAY_SIZE, DISPLAY_SIZE))
     return copy
 
 
+def _chart_text(name: str) -> str:
+    """A class name as a chart label: Plotly reads a few HTML tags in labels (links among them), so
+    `<`, `>` and `&` are written as entities and shown as typed."""
+    return html.escape(str(name), quote=False)
+
+
 def _run_label(run: dict) -> str:
-    metrics = run["metrics"] or {}
-    accuracy = metrics.get("val_accuracy")
     parts = [f"Run #{run['id']}", (run["config"] or {}).get("strategy", "")]
-    if accuracy is not None:
-        parts.append(f"val accuracy {accuracy:.1%}")
+    if figure := stored_headline(run["metrics"] or {}):
+        parts.append(figure)
     if run["is_current"]:
         parts.append("current")
     return " · ".join(p for p in parts if p)
 
 
-def image_grid(image_ids: list[int], key: str, limit: int = 24) -> None:
+def image_grid(image_ids: list[int], key: str, limit: int = 24, predictions: RunPredictions | None = None) -> None:
+    """Thumbnails with their file name and, where `predictions` has them, labelled class, predicted
+    class and confidence; each with a button that opens it. Names are shown as literal text."""
     if not image_ids:
         st.caption("No images here.")
         return
     ws, db = state.workspace(), state.db()
+    rows = {int(i): n for n, i in enumerate(predictions.image_ids)} if predictions is not None else {}
     columns = st.columns(6)
     for n, image_id in enumerate(image_ids[:limit]):
         image = catalog.get_image(db, image_id)
         with columns[n % 6]:
             st.image(str(ws.root / image["thumb_path"]), width="stretch")
+            lines = [image["original_name"]]
+            if image_id in rows:
+                row = rows[image_id]
+                probs, label = predictions.probs[row], predictions.labels[row]
+                if label >= 0:
+                    lines.append(f"labelled: {predictions.classes[label]}")
+                lines.append(f"predicted: {predictions.classes[int(np.argmax(probs))]} ({probs.max():.0%})")
+            st.text("\n".join(lines))
             st.button(f"Open #{image_id}", key=f"{key}_{image_id}", on_click=_open_image, args=(image_id,))
     if len(image_ids) > limit:
         st.caption(f"{len(image_ids) - limit} more not shown.")
@@ -134,27 +179,92 @@ def image_grid(image_ids: list[int], key: str, limit: int = 24) -> None:
 # ---------------------------------------------------------------- metrics
 
 
+def _select_cell(chart_key: str, cell_key: str, classes: list[str]) -> None:
+    # A click on the heatmap picks the cell the selectbox below shows, so both stay one choice.
+    points = ((st.session_state.get(chart_key) or {}).get("selection") or {}).get("points") or []
+    if points:
+        st.session_state[cell_key] = (classes[int(points[0]["y"])], classes[int(points[0]["x"])])
+
+
 def confusion_section(predictions: RunPredictions, split: str, confusion: np.ndarray) -> None:
     classes = predictions.classes
-    figure = px.imshow(
-        confusion, x=classes, y=classes, text_auto=True, color_continuous_scale="Blues",
-        labels={"x": "predicted", "y": "labelled", "color": "images"}, title="Confusion matrix",
+    k = len(classes)
+    labels = [_chart_text(name) for name in classes]
+    # Positions, not names, on the axes: a click reports the cell's indices whatever the names hold.
+    # Streamlit reports no selection on a heatmap, so an invisible marker over each cell takes the click.
+    rows, cols = np.divmod(np.arange(k * k), k)
+    hover = [f"labelled {labels[t]}<br>predicted {labels[p]}<br>{confusion[t, p]} images" for t, p in zip(rows, cols)]
+    figure = go.Figure([
+        go.Heatmap(z=confusion, x=list(range(k)), y=list(range(k)), colorscale="Blues", texttemplate="%{z}",
+                   hoverinfo="skip", colorbar={"title": {"text": "images"}}),
+        go.Scatter(x=cols, y=rows, mode="markers", hovertext=hover, hoverinfo="text", showlegend=False,
+                   marker={"symbol": "square", "size": max(12, 300 // k), "opacity": 0}),
+    ])
+    figure.update_layout(
+        title="Confusion matrix (click a cell to see its images)",
+        xaxis={"title": {"text": "predicted"}, "tickmode": "array", "tickvals": list(range(k)), "ticktext": labels},
+        yaxis={"title": {"text": "labelled"}, "tickmode": "array", "tickvals": list(range(k)), "ticktext": labels,
+               "autorange": "reversed"},
     )
-    event = st.plotly_chart(figure, on_select="rerun", selection_mode="points", key=f"confusion_{split}")
-    cells = [(t, p) for t in classes for p in classes if confusion[classes.index(t), classes.index(p)]]
-    points = (event.get("selection") or {}).get("points") if event else None
-    if points:
-        cell = (points[0]["y"], points[0]["x"])
-    elif cells:
-        wrong = [c for c in cells if c[0] != c[1]]
-        cell = st.selectbox(
-            "Images of the cell", cells, index=cells.index(wrong[0]) if wrong else 0, key=f"cell_{split}",
-            format_func=lambda c: f"labelled {c[0]}, predicted {c[1]} ({confusion[classes.index(c[0]), classes.index(c[1])]})",
-        )
-    else:
+    chart_key, cell_key = f"confusion_{split}", f"cell_{split}"
+    st.plotly_chart(figure, on_select=lambda: _select_cell(chart_key, cell_key, classes), selection_mode="points",
+                    key=chart_key)
+    cells = [(t, p) for t in classes for p in classes]
+    filled = [c for c in cells if confusion[classes.index(c[0]), classes.index(c[1])]]
+    wrong = [c for c in filled if c[0] != c[1]]
+    default = (wrong or filled or cells)[0]
+    cell = st.selectbox(
+        "Images of the cell", cells, index=cells.index(default), key=cell_key,
+        format_func=lambda c: f"labelled {c[0]}, predicted {c[1]} ({confusion[classes.index(c[0]), classes.index(c[1])]})",
+    )
+    image_grid(confusion_cell_images(predictions, split, cell[0], cell[1]), key=f"cell_{split}_{cell[0]}_{cell[1]}",
+               predictions=predictions.split(split))
+
+
+def _per_class_table(per_class: pd.DataFrame) -> pd.DataFrame:
+    """The per-class figures for reading: each with its 95% interval and the count it rests on."""
+    table = pd.DataFrame({"class": per_class["class"], "images (n)": per_class["support"],
+                          "predicted as it (n)": per_class["predicted"]})
+    for name in ("precision", "recall", "f1"):
+        table[name] = per_class[name]
+        table[f"{name} 95% CI"] = [
+            "n/a" if np.isnan(low) else f"{low:.2f}–{high:.2f}"
+            for low, high in zip(per_class[f"{name}_low"], per_class[f"{name}_high"])
+        ]
+    table["judge"] = ["too few to judge" if n < MIN_IMAGES_TO_JUDGE else "" for n in per_class["support"]]
+    return table
+
+
+def headline_section(root: str, predictions: RunPredictions) -> None:
+    """The figure the run is judged by: test when it has test images, else validation, labelled as
+    optimistic, beside a cross-validated estimate on the cached embeddings."""
+    try:
+        top = headline(predictions)
+    except LoupeError as exc:
+        st.info(str(exc))
         return
-    st.markdown(f"**Labelled {cell[0]}, predicted {cell[1]}**")
-    image_grid(confusion_cell_images(predictions, split, cell[0], cell[1]), key=f"cell_{split}_{cell[0]}_{cell[1]}")
+    name = "Test" if top.split == "test" else "Validation (optimistic)"
+    columns = st.columns(2)
+    columns[0].metric(f"{name} accuracy", f"{top.accuracy.value:.1%}")
+    with columns[0]:
+        st.caption(top.accuracy.text())
+    columns[1].metric(f"{name} macro F1", f"{top.macro_f1.value:.3f}")
+    with columns[1]:
+        st.caption(top.macro_f1.text(percent=False))
+    (st.caption if top.split == "test" else st.warning)(top.note)
+    if top.split == "val":
+        try:
+            estimate = _cross_validated(root, predictions.run_id)
+        except LoupeError as exc:
+            estimate = None
+            st.caption(str(exc))
+        if estimate is not None:
+            st.metric("Cross-validated accuracy (on the cached embeddings)", f"{estimate.value:.1%}")
+            st.caption(f"{estimate.text()}. A logistic regression on the run's embeddings, every labelled image "
+                       f"predicted by {hard.OUT_OF_FOLD_FOLDS}-fold models that never saw it: an estimate of the "
+                       "recipe, not of this model, but one no image flatters.")
+    if top.accuracy.too_few:
+        st.warning(f"Only {top.accuracy.n} images: too few to judge (fewer than {MIN_IMAGES_TO_JUDGE}).")
 
 
 def metrics_section(predictions: RunPredictions, split: str) -> None:
@@ -163,16 +273,27 @@ def metrics_section(predictions: RunPredictions, split: str) -> None:
     except LoupeError as exc:
         st.info(str(exc))
         return
+    if split == "val":
+        st.caption("Validation figures: these images also chose the best epoch, so they flatter the model.")
+    else:
+        st.caption("Test figures: these images played no part in training or in choosing the best epoch.")
     figures = st.columns(4 + len(m.top_k))
-    figures[0].metric("Accuracy", f"{m.accuracy:.1%}")
-    figures[1].metric("Macro F1", f"{m.macro['f1']:.3f}")
-    figures[2].metric("Weighted F1", f"{m.weighted['f1']:.3f}")
+    for column, (title, name, percent) in zip(figures, (
+        ("Accuracy", "accuracy", True), ("Macro F1", "macro_f1", False), ("Weighted F1", "weighted_f1", False),
+    )):
+        value = m.estimates[name].value
+        column.metric(title, f"{value:.1%}" if percent else f"{value:.3f}")
+        with column:
+            st.caption(m.estimates[name].text(percent))
     figures[3].metric("Calibration error (ECE)", f"{m.calibration.expected_calibration_error:.3f}")
     for column, (k, value) in zip(figures[4:], m.top_k.items()):
         column.metric(f"Top-{k} accuracy", f"{value:.1%}")
-    st.caption(f"{m.count} labelled {split} images.")
+    if m.too_few:
+        st.warning(f"Only {m.count} labelled {split} images: too few to judge (fewer than {MIN_IMAGES_TO_JUDGE}).")
+    else:
+        st.caption(f"{m.count} labelled {split} images; intervals are 95% bootstrap intervals over the images.")
     st.dataframe(
-        m.per_class, hide_index=True, width="stretch", key=f"per_class_{split}",
+        _per_class_table(m.per_class), hide_index=True, width="stretch", key=f"per_class_{split}",
         column_config={name: st.column_config.NumberColumn(format="%.3f") for name in ("precision", "recall", "f1")},
     )
     confusion_section(predictions, split, m.confusion)
@@ -189,35 +310,60 @@ def metrics_section(predictions: RunPredictions, split: str) -> None:
     pr = go.Figure()
     for name, curve in m.pr_curves.items():
         pr.add_trace(go.Scatter(x=curve.recall, y=curve.precision, mode="lines",
-                                name=f"{name} (AP {curve.average_precision:.2f})"))
+                                name=f"{_chart_text(name)} (AP {curve.average_precision:.2f})"))
     pr.update_layout(title="Precision-recall per class", xaxis_title="recall", yaxis_title="precision")
     curves.plotly_chart(pr, key=f"pr_{split}")
 
 
-def compare_section(runs: list[dict], run_id: int, split: str) -> None:
+def comparison_report(root: str, baseline: int, run_id: int, split: str, key: str) -> None:
+    """Run `run_id` against `baseline` on one split: what the model changed, apart from what the images changed."""
+    try:
+        diff = compare_runs(state.workspace(), state.db(), baseline, run_id, split=split)
+    except LoupeError as exc:
+        st.info(str(exc))
+        return
+    st.text(diff.summary())
+    columns = ["class"] + [f"{m}_{s}" for m in ("precision", "recall", "f1") for s in ("a", "b", "delta")]
+    st.dataframe(diff.per_class[columns], hide_index=True, width="stretch", key=f"{key}_table")
+    predictions = _predictions(root, run_id).split(split)
+    worse, better = st.columns(2)
+    with worse:
+        st.text(f"Same image, same label: right in #{baseline}, wrong in #{run_id} ({len(diff.right_to_wrong)})")
+        image_grid(diff.right_to_wrong, key=f"{key}_right_to_wrong", limit=12, predictions=predictions)
+    with better:
+        st.text(f"Same image, same label: wrong in #{baseline}, right in #{run_id} ({len(diff.wrong_to_right)})")
+        image_grid(diff.wrong_to_right, key=f"{key}_wrong_to_right", limit=12, predictions=predictions)
+    st.text(f"Images added, removed, excluded or relabelled between the runs ({len(diff.changed)})")
+    if not diff.changed.empty:
+        st.dataframe(diff.changed, hide_index=True, width="stretch", key=f"{key}_changed")
+
+
+def compare_section(root: str, runs: list[dict], run_id: int, split: str) -> None:
     others = [r["id"] for r in runs if r["id"] != run_id]
     if not others:
         st.caption("Only one trained run so far: train again to compare.")
         return
     baseline = st.selectbox("Compare with run", others, key="compare_with", format_func=lambda i: f"Run #{i}")
-    try:
-        diff = compare_runs(state.workspace(), state.db(), baseline, run_id, split)
-    except LoupeError as exc:
-        st.info(str(exc))
+    comparison_report(root, baseline, run_id, split, key="compare")
+
+
+def agreement_section() -> None:
+    """How far reviewers keep the labellers' labels, beyond chance (Cohen's kappa), per class and per person."""
+    agreement = reviewer_agreement(state.db())
+    if not agreement.overall["n"]:
+        st.caption("No image has been confirmed or relabelled by a reviewer other than its labeller yet.")
         return
-    st.markdown(
-        f"Run #{run_id} vs #{baseline} on {split}: accuracy {diff.accuracy_delta:+.1%}, "
-        f"macro F1 {diff.macro_f1_delta:+.3f}."
-    )
-    columns = ["class"] + [f"{m}_{s}" for m in ("precision", "recall", "f1") for s in ("a", "b", "delta")]
-    st.dataframe(diff.per_class[columns], hide_index=True, width="stretch", key="compare_table")
-    worse, better = st.columns(2)
-    with worse:
-        st.markdown(f"**Right in #{baseline}, wrong in #{run_id}** ({len(diff.right_to_wrong)})")
-        image_grid(diff.right_to_wrong, key="right_to_wrong", limit=12)
-    with better:
-        st.markdown(f"**Wrong in #{baseline}, right in #{run_id}** ({len(diff.wrong_to_right)})")
-        image_grid(diff.wrong_to_right, key="wrong_to_right", limit=12)
+    overall = agreement.overall
+    kappa = "n/a" if np.isnan(overall["kappa"]) else f"{overall['kappa']:.2f}"
+    st.metric("Cohen's kappa, labellers vs reviewers", kappa)
+    st.caption(f"{overall['n']} reviewed images; the labels agree on {overall['agreement']:.0%} of them. "
+               "Kappa is 1 for full agreement and 0 for what chance alone would give.")
+    number = {"agreement": st.column_config.NumberColumn(format="percent"),
+              "kappa": st.column_config.NumberColumn(format="%.2f")}
+    st.dataframe(agreement.per_class, hide_index=True, width="stretch", key="agreement_per_class",
+                 column_config=number)
+    st.dataframe(agreement.per_person, hide_index=True, width="stretch", key="agreement_per_person",
+                 column_config=number)
 
 
 # ---------------------------------------------------------------- hard examples
@@ -235,11 +381,28 @@ def _queue_frame(root: str, run_id: int, predictions: RunPredictions, queue: str
     # The other two need every image's embedding; a fine-tuned run may not have cached them.
     db = state.db()
     ids = predictions.labelled().image_ids if queue == "mislabelled" else predictions.image_ids
+    if queue == "duplicates":
+        controls = st.columns(2)
+        threshold = controls[0].slider(
+            "Embedding similarity at least", 0.70, 1.00, hard.NEAR_DUPLICATE_SIMILARITY, 0.01, key="duplicate_threshold",
+            help="Cosine similarity of the images' embeddings: lower finds more crops and rotations, and more "
+                 "different photos of the same scene.",
+        )
+        bits = controls[1].slider(
+            "or perceptual hashes differing in at most (bits of 64)", 0, 20, hard.NEAR_DUPLICATE_HASH_DISTANCE,
+            key="duplicate_hash_distance",
+            help="Finds resized, recompressed and mirrored copies; higher finds more, and more false pairs.",
+        )
     if hard.run_embeddings(state.workspace(), db, jobs.get_run(db, run_id), ids, compute_missing=False) is None:
         st.info(f"This needs the embeddings of {len(ids)} images, and some are not computed yet.")
         if not st.button("Compute them", key=f"embed_{queue}"):
             return None
-    return _mislabelled(root, run_id) if queue == "mislabelled" else _duplicates(root, run_id)
+    if queue == "mislabelled":
+        frame = _mislabelled(root, run_id)
+        st.caption(f"cleanlab flags {len(frame)} of {len(ids)} labelled images as likely mislabelled, "
+                   "likeliest first.")
+        return frame
+    return _duplicates(root, run_id, float(threshold), int(bits))
 
 
 def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -> None:
@@ -263,11 +426,18 @@ def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -
     if frame.empty:
         st.caption("Nothing in this queue.")
         return
+    if queue == "duplicates":
+        leaks = int(frame["leakage"].sum())
+        st.caption(f"{len(frame)} pairs; {leaks} straddle train and val/test (leakage: the model is tested on "
+                   "what it trained on).")
     st.dataframe(frame, hide_index=True, width="stretch", key=f"queue_table_{queue}")
     ids = list(dict.fromkeys(frame["image_id"].tolist() + frame.get("other_image_id", pd.Series(dtype=int)).tolist()))
     st.session_state["review_queue"] = ids
-    st.selectbox("Open image", ids, key=f"queue_pick_{queue}", format_func=lambda i: f"#{i}",
-                 on_change=lambda: _open_image(st.session_state[f"queue_pick_{queue}"]))
+    pick_key = f"queue_pick_{queue}"
+    # Nothing pre-selected: a pre-selected entry could not be opened, as choosing it would change nothing.
+    st.selectbox("Open image", ids, index=None, placeholder="Choose an image to open", key=pick_key,
+                 format_func=lambda i: f"#{i}",
+                 on_change=_open_picked, args=(pick_key,))
     if st.session_state.get("review_image") is None:
         _open_image(ids[0])
 
@@ -322,7 +492,8 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
     except LoupeError as exc:
         st.error(str(exc))
         return
-    st.subheader(f"Image #{image_id} · {image['original_name']}")
+    st.subheader(f"Image #{image_id}")
+    st.text(image["original_name"])
     row = np.flatnonzero(predictions.image_ids == image_id)
     probs = predictions.probs[row[0]] if len(row) else None
     classes = predictions.classes
@@ -332,9 +503,9 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
         if probs is not None:
             predicted = int(np.argmax(probs))
             labelled_index = classes.index(image["label"]) if image["label"] in classes else None
-            st.markdown(
-                f"**Predicted:** {classes[predicted]} ({probs[predicted]:.1%})  \n"
-                f"**Labelled:** {image['label'] or '—'}"
+            st.text(
+                f"Predicted: {classes[predicted]} ({probs[predicted]:.1%})\n"
+                f"Labelled: {image['label'] or '—'}"
                 + (f" ({probs[labelled_index]:.1%})" if labelled_index is not None else "")
                 + (f" by {image['labelled_by']}" if image["labelled_by"] else "")
             )
@@ -344,12 +515,11 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
                 column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent")},
             )
         else:
-            st.markdown(f"**Labelled:** {image['label'] or '—'} (this run made no prediction for it)")
+            st.text(f"Labelled: {image['label'] or '—'} (this run made no prediction for it)")
         if summary["disagreement"]:
-            st.warning(
-                f"Disagreement: labelled {summary['labeller_label']}, reviewer {summary['reviewer']} says "
-                f"{summary['reviewer_label']}."
-            )
+            st.warning("The labeller and the latest reviewer disagree.")
+            st.text(f"Labelled {summary['labeller_label']}; reviewer {summary['reviewer']} says "
+                    f"{summary['reviewer_label']}.")
         if summary["excluded"]:
             st.info("Excluded from training.")
         decisions(image_id, classes, image["label"], summary["excluded"])
@@ -372,8 +542,8 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
             else:
                 shown = _display_copy(original)
                 small = np.asarray(Image.fromarray(heat).resize(shown.size, Image.BILINEAR), dtype=np.float32)
-                st.image(overlay(shown, np.clip(small, 0.0, 1.0), opacity),
-                         caption=f"{CAM_METHOD_NAMES[method]} for {explained}")
+                st.image(overlay(shown, np.clip(small, 0.0, 1.0), opacity))
+                st.text(f"{CAM_METHOD_NAMES[method]} for {explained}")
     history = reviews.review_history(db, image_id)
     labels = catalog.label_history(db, image_id)
     with st.expander(f"History ({len(history)} reviews, {len(labels)} label changes)"):
@@ -396,7 +566,34 @@ def retrain_section() -> None:
             st.error(str(exc))
             return
         jobs.start_next_queued(ws, db)
+        st.session_state["retrained"] = (st.session_state["review_run"], run_id)
         st.success(f"Run #{run_id} started with the Quick preset: follow it on the Train page.")
+
+
+@st.fragment(run_every=3)
+def _await_run(run_id: int, baseline: int) -> None:
+    # Polls only while the run trains; its end reruns the page, which then shows the report.
+    if jobs.status_of(state.db(), run_id) in jobs.FINISHED_STATUSES:
+        st.rerun()
+    st.info(f"Run #{run_id} is training; its comparison with run #{baseline} appears here when it finishes.")
+
+
+def retrain_report(root: str) -> None:
+    """What the fixes did, once the run started by "Retrain with these fixes" has finished."""
+    if not (pair := st.session_state.get("retrained")):
+        return
+    baseline, run_id = pair
+    run = jobs.get_run(state.db(), run_id)
+    if run["status"] not in jobs.FINISHED_STATUSES:
+        _await_run(run_id, baseline)
+        return
+    if run["status"] != jobs.RunStatus.SUCCEEDED:
+        st.error(f"Run #{run_id} did not succeed ({run['status']}): see the Train page.")
+        return
+    with st.expander(f"Retrained: run #{run_id} against run #{baseline}", expanded=True):
+        for split in EVALUATION_SPLITS:
+            st.text(f"On {split}:")
+            comparison_report(root, baseline, run_id, split, key=f"retrain_{split}")
 
 
 st.title("Review")
@@ -416,20 +613,26 @@ chosen_split = top[1].radio("Evaluate on", EVALUATION_SPLITS, horizontal=True, k
 with top[2]:
     retrain_section()
 workspace_root = str(state.workspace().root)
+retrain_report(workspace_root)
 try:
     run_predictions = _predictions(workspace_root, chosen_run)
 except LoupeError as exc:
     st.error(str(exc))
     st.stop()
+headline_section(workspace_root, run_predictions)
 if st.session_state.get("review_image_run") != chosen_run:
     st.session_state["review_image_run"] = chosen_run
     st.session_state["review_image"] = None
-metrics_tab, hard_tab, compare_tab = st.tabs(["Metrics", "Hard examples", "Compare runs"])
+metrics_tab, hard_tab, compare_tab, agreement_tab = st.tabs(
+    ["Metrics", "Hard examples", "Compare runs", "Agreement"]
+)
 with metrics_tab:
     metrics_section(run_predictions, chosen_split)
 with hard_tab:
     hard_examples_section(workspace_root, chosen_run, run_predictions)
 with compare_tab:
-    compare_section(runs, chosen_run, chosen_split)
+    compare_section(workspace_root, runs, chosen_run, chosen_split)
+with agreement_tab:
+    agreement_section()
 st.divider()
 image_panel(workspace_root, chosen_run, run_predictions)

@@ -9,22 +9,12 @@ import streamlit as st
 
 from core import jobs
 from core.backbones import available_backbones
+from core.config import ALLOWED_VALUES, DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig
 from core.errors import LoupeError
-from core.training import (
-    AUGMENTATIONS, CLASS_WEIGHTINGS, DEVICES, OPTIMIZERS, PRESETS, SCHEDULERS, STRATEGIES, TrainConfig, class_weights,
-    dataset_from_catalog,
-)
+from core.selection import dataset_from_catalog
+from core.training import class_weights
 from dashboard import state
 
-PRESET_HELP = {
-    "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
-    "thorough": "Thorough: Quick's layer, then the network's later stages fine-tuned on augmented images, kept "
-                "where that does better; minutes on a laptop, sometimes a little more accurate.",
-}
-CHOICES = {
-    "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "class_weighting": CLASS_WEIGHTINGS,
-    "augmentation": AUGMENTATIONS, "device": DEVICES,
-}
 LIVE_REFRESH_SECONDS = 2.0
 IDLE_REFRESH_SECONDS = 5.0
 
@@ -35,7 +25,7 @@ IDLE_REFRESH_SECONDS = 5.0
 def _field_input(name: str, value: typing.Any, key: str) -> typing.Any:
     """One widget for one TrainConfig field, chosen from its allowed values or its type."""
     label = name.replace("_", " ")
-    choices = list(dict.fromkeys([value, *available_backbones()])) if name == "backbone" else CHOICES.get(name)
+    choices = list(dict.fromkeys([value, *available_backbones()])) if name == "backbone" else ALLOWED_VALUES.get(name)
     if choices:
         return st.selectbox(label, choices, index=list(choices).index(value), key=key)
     if isinstance(value, bool):
@@ -82,10 +72,10 @@ def class_balance(db, config: TrainConfig) -> None:
 def start_section(db) -> None:
     st.subheader("New run")
     preset = st.radio(
-        "Preset", list(PRESETS), format_func=str.capitalize, horizontal=True, key="preset",
-        help=" ".join(PRESET_HELP.get(name, "") for name in PRESETS),
+        "Preset", list(PRESETS), index=list(PRESETS).index(DEFAULT_PRESET), format_func=str.capitalize,
+        horizontal=True, key="preset", help=" ".join(PRESET_DESCRIPTIONS.get(name, "") for name in PRESETS),
     )
-    st.caption(PRESET_HELP.get(preset, ""))
+    st.caption(PRESET_DESCRIPTIONS.get(preset, ""))
     try:
         config = config_form(preset)
     except LoupeError as exc:
@@ -182,8 +172,11 @@ def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
                 "run": run["id"],
                 "current": bool(run["is_current"]),
                 "status": run["status"],
-                "strategy": (run["config"] or {}).get("strategy", ""),
-                "backbone": (run["config"] or {}).get("backbone", ""),
+                "strategy": config.strategy,
+                "backbone": config.backbone,
+                # As asked for (0: chosen from the photos) until the run has trained.
+                "input size": config.image_size or None,
+                "device": config.device,
                 "images": item_counts.get(run["id"], 0),
                 "val accuracy": (run["metrics"] or {}).get("val_accuracy"),
                 "val macro-F1": (run["metrics"] or {}).get("val_macro_f1"),
@@ -193,6 +186,7 @@ def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
                 "error": (run["error"] or "").strip().rsplit("\n", 1)[-1],
             }
             for run in runs
+            for config in [jobs.run_config(run)]
         ]
     )
     st.dataframe(table, hide_index=True, width="stretch",

@@ -11,7 +11,7 @@ from core.checkpoints import run_checkpoint_path
 from core.cli import main
 from core.errors import LoupeError
 from core.workspace import Workspace, connect
-from tests.conftest import add_labelled_images
+from tests.conftest import add_labelled_images, image_bytes
 from tests.exported_run import make_succeeded_run, tiny_model
 
 
@@ -75,7 +75,7 @@ def test_restore_refuses_what_is_not_a_backup(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
         archive.writestr("catalog.db", b"")
         archive.writestr("../outside.txt", b"x")
-    with pytest.raises(LoupeError, match="not a Loupe backup"):
+    with pytest.raises(LoupeError, match="cannot be restored"):
         restore_workspace(tmp_path / "evil.zip", tmp_path / "target")
     assert not (tmp_path / "outside.txt").exists()
     (tmp_path / "plain.txt").write_text("hello")
@@ -120,3 +120,127 @@ def test_backup_is_consistent_while_another_connection_writes(busy_workspace, tm
                 "WHERE e.image_id = labels.image_id ORDER BY e.id DESC LIMIT 1)"
             ).fetchone()[0]
             assert mismatched == 0
+
+
+def members_of(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def write_zip(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def with_catalog_changed(members: dict[str, bytes], tmp_path, *statements: str) -> dict[str, bytes]:
+    copy = tmp_path / "tampered.db"
+    copy.write_bytes(members["catalog.db"])
+    with closing(sqlite3.connect(copy)) as db:
+        for statement in statements:
+            db.execute(statement)
+        db.commit()
+    return {**members, "catalog.db": copy.read_bytes()}
+
+
+@pytest.fixture
+def backup_members(workspace, db, tmp_path) -> dict[str, bytes]:
+    add_labelled_images(workspace, db, {"red": {"train": 2}, "blue": {"train": 1}}, 1)
+    backup_workspace(workspace, tmp_path / "good.zip")
+    return members_of(tmp_path / "good.zip")
+
+
+def assert_refused_and_nothing_left(archive, target, reason: str) -> None:
+    with pytest.raises(LoupeError, match=reason) as refused:
+        restore_workspace(archive, target)
+    assert "Nothing was restored" in str(refused.value)
+    assert not target.exists() or list(target.iterdir()) == []
+    assert not list(target.parent.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "statement, reason",
+    [
+        ("UPDATE images SET path = '/etc/passwd' WHERE id = 1", "outside Loupe's own folders"),
+        ("UPDATE images SET path = 'images/../../../etc/passwd' WHERE id = 2", "outside Loupe's own folders"),
+        ("UPDATE images SET thumb_path = '/etc/hostname' WHERE id = 3", "outside Loupe's own folders"),
+        ("CREATE TRIGGER wipe AFTER INSERT ON label_events BEGIN DELETE FROM label_events; END", "trigger wipe"),
+        ("CREATE VIEW everything AS SELECT * FROM images", "view everything"),
+        ("CREATE TABLE notes (body TEXT)", "table notes"),
+        ("CREATE INDEX images_by_size ON images(width)", "index images_by_size"),
+        ("ALTER TABLE images ADD COLUMN secret TEXT", "table images"),
+        ("DROP INDEX labels_class_id", "index labels_class_id is missing"),
+    ],
+)
+def test_a_tampered_catalog_is_refused_with_its_reason_and_leaves_nothing(
+    backup_members, tmp_path, statement, reason
+):
+    write_zip(tmp_path / "tampered.zip", with_catalog_changed(backup_members, tmp_path, statement))
+    assert_refused_and_nothing_left(tmp_path / "tampered.zip", tmp_path / "restored", reason)
+
+
+def test_an_image_whose_bytes_do_not_match_its_hash_is_refused(backup_members, tmp_path):
+    image = next(name for name in backup_members if name.startswith("images/"))
+    write_zip(tmp_path / "swapped.zip", {**backup_members, image: image_bytes((1, 2, 3))})
+    target = tmp_path / "empty"
+    target.mkdir()
+    assert_refused_and_nothing_left(tmp_path / "swapped.zip", target, "do not match their hash")
+    assert target.is_dir()
+
+
+def test_members_the_catalog_does_not_name_or_lacks_are_refused(backup_members, tmp_path):
+    image = next(name for name in backup_members if name.startswith("images/"))
+    for name, members, reason in [
+        ("extra", {**backup_members, "images/ab/notes.txt": b"x"}, "not a file of a Loupe workspace"),
+        ("wal", {**backup_members, "catalog.db-wal": b"x"}, "not a file of a Loupe workspace"),
+        ("run", {**backup_members, "runs/7/model.pt": b"x"}, "not a file of a Loupe workspace"),
+        ("missing", {k: v for k, v in backup_members.items() if k != image}, "lacks 1 of the catalog's image files"),
+        ("no catalog", {k: v for k, v in backup_members.items() if k != "catalog.db"}, "no catalog.db"),
+    ]:
+        write_zip(tmp_path / f"{name}.zip", members)
+        assert_refused_and_nothing_left(tmp_path / f"{name}.zip", tmp_path / "restored", reason)
+
+
+def declare_size(archive: bytes, member: str, size: int) -> bytes:
+    """The archive with `member`'s uncompressed size in the central directory changed to `size`."""
+    data = bytearray(archive)
+    start = data.find(b"PK\x01\x02")
+    while start != -1:
+        name_length = int.from_bytes(data[start + 28 : start + 30], "little")
+        if data[start + 46 : start + 46 + name_length].decode() == member:
+            data[start + 24 : start + 28] = size.to_bytes(4, "little")
+            return bytes(data)
+        start = data.find(b"PK\x01\x02", start + 46)
+    raise AssertionError(f"{member} is not in the archive")
+
+
+def test_an_oversized_member_is_refused_from_the_central_directory_before_reading(backup_members, tmp_path):
+    image = next(name for name in backup_members if name.startswith("images/"))
+    write_zip(tmp_path / "good.zip", backup_members)
+    (tmp_path / "big.zip").write_bytes(declare_size((tmp_path / "good.zip").read_bytes(), image, 300 * 2**20))
+    assert_refused_and_nothing_left(tmp_path / "big.zip", tmp_path / "restored", "larger than 200 MB")
+
+
+def test_a_restore_into_an_empty_folder_fills_it_whole(backup_members, tmp_path):
+    write_zip(tmp_path / "good.zip", backup_members)
+    target = tmp_path / "empty"
+    target.mkdir()
+    restored = restore_workspace(tmp_path / "good.zip", target)
+    assert restored["images"] == 4 and restored["integrity"] == "ok"
+    assert (target / "catalog.db").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_backups_take_the_run_files_that_loupe_writes():
+    from core.backup import RUN_FILE_NAMES
+    from core.checkpoints import CHECKPOINT_NAME
+    from core.jobs import WORKER_LOG_NAME
+
+    assert set(RUN_FILE_NAMES) == {CHECKPOINT_NAME, WORKER_LOG_NAME}
+
+
+def test_a_backup_never_takes_a_file_from_outside_the_workspace(workspace, db, tmp_path):
+    add_labelled_images(workspace, db, {"red": {"train": 1}})
+    db.execute("UPDATE images SET path = '/etc/passwd' WHERE id = 1")
+    with pytest.raises(LoupeError, match="outside the workspace's own folders"):
+        backup_workspace(workspace, tmp_path / "b.zip")
+    assert not (tmp_path / "b.zip").exists()

@@ -8,11 +8,6 @@ import io
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -21,39 +16,15 @@ from PIL import Image, ImageDraw
 
 from core import catalog
 from core.workspace import Workspace, connect
-from tests.conftest import APP, ROOT
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 TIMEOUT_MS = 30_000
 # Loading a model (a run's worker, the Grad-CAM map, the ONNX export) takes longer than a page change.
 RUN_TIMEOUT_MS = 90_000
 BUNDLE_FILES = {"model.onnx", "labels.json", "preprocess.json", "model_card.md", "predict.py"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_health(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become healthy in {seconds} s")
 
 
 def picture(seed: int) -> bytes:
@@ -140,7 +111,7 @@ def step_upload_three_images(session: Session) -> None:
     session.open_page("Home")
     files = [{"name": f"photo_{n}.jpg", "mimeType": "image/jpeg", "buffer": picture(n)} for n in range(3)]
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(files)
-    page.get_by_text("added: 3, duplicates: 0, rejected: 0").wait_for(timeout=TIMEOUT_MS)
+    page.get_by_text("added: 3, duplicates: 0, conflicts: 0, rejected: 0, skipped: 0").wait_for(timeout=TIMEOUT_MS)
     for name in ["meadow", "sky"]:
         box = page.get_by_role("textbox", name="New class")
         box.fill(name)
@@ -176,7 +147,7 @@ def step_import_labelled_zip(session: Session) -> None:
     session.open_page("Home")
     upload = {"name": "labelled.zip", "mimeType": "application/zip", "buffer": labelled_zip()}
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([upload])
-    page.get_by_text("added: 10, duplicates: 0, rejected: 0").wait_for(timeout=TIMEOUT_MS)
+    page.get_by_text("added: 10, duplicates: 0, conflicts: 0, rejected: 0, skipped: 0").wait_for(timeout=TIMEOUT_MS)
     session.wait_idle()
     splits = {
         (row["name"], row["split"]): row["n"]
@@ -276,37 +247,21 @@ def test_browser_session(tmp_path):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     workspace = tmp_path / "workspace"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env={**os.environ, "LOUPE_WORKSPACE": str(workspace)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_for_health(url, server)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(url)
-                session = Session(page, url, workspace)
-                try:
-                    step_upload_three_images(session)
-                    step_label_one_by_keyboard(session, tmp_path)
-                    step_import_labelled_zip(session)
-                    step_train_quick(session, tmp_path)
-                    step_review_relabel_and_retrain(session, tmp_path)
-                    step_export_and_download(session, tmp_path)
-                except Exception:
-                    page.screenshot(path=str(tmp_path / "failure.png"))
-                    raise
-            finally:
-                browser.close()
-    finally:
-        server.terminate()
+    with running_dashboard(workspace) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            session = Session(page, url, workspace)
+            try:
+                step_upload_three_images(session)
+                step_label_one_by_keyboard(session, tmp_path)
+                step_import_labelled_zip(session)
+                step_train_quick(session, tmp_path)
+                step_review_relabel_and_retrain(session, tmp_path)
+                step_export_and_download(session, tmp_path)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"))
+                raise
+        finally:
+            browser.close()

@@ -28,7 +28,7 @@ def test_import_prints_counts_and_fills_the_catalog(tmp_path, capsys):
     folder = make_folder(tmp_path / "photos")
     assert main(["import", "--workspace", str(tmp_path / "ws"), str(folder)]) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["added: 3", "duplicates: 1", "rejected: 1"]
+    assert captured.out.splitlines() == ["added: 3", "duplicates: 1", "conflicts: 0", "rejected: 1", "skipped: 0"]
     assert "broken.jpg" in captured.err
     db = connect(open_workspace(tmp_path / "ws"))
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants", split="val")) == 1

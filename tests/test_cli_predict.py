@@ -1,16 +1,22 @@
 import contextlib
 import csv
 import io
+import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from core import catalog
 from core.cli import main
 from core.workspace import connect, open_workspace
-from tests.conftest import ROOT, add_labelled_images
+from tests.conftest import ROOT, add_labelled_images, image_bytes
 from tests.exported_run import make_succeeded_run, tiny_model
+from tests.test_images import decode_corpus
 
 # Makes torch (and timm, and Loupe itself where asked) unimportable before anything else runs.
 BLOCKER = """
@@ -50,6 +56,7 @@ def bundle(tmp_path_factory):
         "images": [str(ws.root / r["path"]) for r in rows],
         "dashboard_classes": [r["predicted"] for r in rows],
         "root": root,
+        "workspace": ws.root,
     }
 
 
@@ -101,3 +108,135 @@ def test_predict_reports_a_file_that_is_not_a_bundle(tmp_path, capsys):
     (tmp_path / "notes.zip").write_text("not a zip")
     assert main(["predict", str(tmp_path / "notes.zip"), "x.png"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def probabilities_by_file(csv_path) -> dict[str, list[float]]:
+    rows = list(csv.DictReader(io.StringIO(Path(csv_path).read_text())))
+    return {r["file"]: [float(r[key]) for key in r if key.startswith("p_")] for r in rows}
+
+
+def test_the_workspace_model_and_the_bundle_agree_on_every_kind_of_image(bundle, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, data in decode_corpus().items():
+        (corpus / name).write_bytes(data)
+    files = sorted(str(path) for path in corpus.iterdir())
+    in_app, zipped, unzipped = tmp_path / "in_app.csv", tmp_path / "zipped.csv", tmp_path / "unzipped.csv"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["predict", "--workspace", str(bundle["workspace"]), *files, "--csv", str(in_app)]) == 0
+        assert main(["predict", str(bundle["path"]), *files, "--csv", str(zipped)]) == 0
+    folder = tmp_path / "unzipped"
+    with zipfile.ZipFile(bundle["path"]) as archive:
+        archive.extractall(folder)
+    result = run_without(
+        "torch,timm,torchvision,core,sklearn,streamlit",
+        "import runpy, sys; runpy.run_path('predict.py', run_name='__main__')",
+        *files, "--csv", str(unzipped), cwd=folder,
+    )
+    assert result.returncode == 0, result.stderr
+    reference = probabilities_by_file(in_app)
+    assert list(reference) == files and len(files) == 18
+    for other in (zipped, unzipped):
+        for file, probs in probabilities_by_file(other).items():
+            assert np.abs(np.array(probs) - reference[file]).max() <= 1e-4, file
+    headers = {path.read_text().splitlines()[0] for path in (in_app, zipped, unzipped)}
+    assert headers == {"file,class,probability,p_red,p_blue,error"}
+
+
+def test_predict_with_a_chosen_run_uses_that_run_and_its_classes(bundle, tmp_path, capsys):
+    ws = open_workspace(bundle["workspace"])
+    db = connect(ws)
+    run_id = make_succeeded_run(ws, db, tiny_model(["blue", "red"]), current=False)
+    db.close()
+    out_csv = tmp_path / "run.csv"
+    image = bundle["images"][0]
+    assert main(["predict", "--workspace", str(ws.root), "--run", str(run_id), image, "--csv", str(out_csv)]) == 0
+    assert out_csv.read_text().splitlines()[0] == "file,class,probability,p_blue,p_red,error"
+    assert main(["predict", "--workspace", str(ws.root), "--run", "99", bundle["images"][0]]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, complaint",
+    [
+        (["--run", "1", "model.zip", "a.png"], "--run chooses a workspace's run"),
+        (["model.zip"], "Give a bundle .zip and the images"),
+        (["--workspace", "{ws}", "--int8", "a.png"], "--int8 chooses a bundle's int8 model"),
+        (["--workspace", "{ws}", "model.zip", "a.png"], "give images only"),
+        (["--workspace", "{ws}/absent", "a.png"], "is not a Loupe workspace"),
+    ],
+)
+def test_predict_arguments_that_contradict_each_other_are_refused(bundle, capsys, arguments, complaint):
+    arguments = [a.format(ws=bundle["workspace"]) for a in arguments]
+    assert main(["predict", *arguments]) == 2
+    assert complaint in capsys.readouterr().err
+    assert not (bundle["workspace"] / "absent").exists()
+
+
+@pytest.mark.parametrize("form", ["bundle", "workspace"])
+def test_one_bad_image_is_reported_on_its_own_line_and_the_others_are_predicted(bundle, tmp_path, capsys, form):
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "drawing.png").write_bytes(_saved("EPS"))
+    good = bundle["images"][:2]
+    files = [good[0], str(tmp_path / "notes.png"), str(tmp_path / "drawing.png"), good[1]]
+    source = ["--workspace", str(bundle["workspace"])] if form == "workspace" else [str(bundle["path"])]
+    assert main(["predict", *source, *files]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == files
+    assert lines[1] == f"{files[1]}: error: not an image (content is not a supported image format)"
+    assert lines[2].startswith(f"{files[2]}: error: not an image")
+    assert [line.rsplit(": ", 1)[1].split()[0] for line in (lines[0], lines[3])] == bundle["dashboard_classes"][:2]
+
+
+def _saved(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 0, 0)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_both_forms_refuse_an_image_over_the_decode_budget(bundle, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    big.write_bytes(image_bytes((10, 20, 30), (3000, 3000)))
+    small_budget = tmp_path / "small_budget.zip"
+    with zipfile.ZipFile(bundle["path"]) as source, zipfile.ZipFile(small_budget, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "preprocess.json":
+                data = json.dumps({**json.loads(data), "decode_budget_bytes": 16 * 2**20}).encode()
+            target.writestr(name, data)
+    assert main(["predict", str(small_budget), str(big), bundle["images"][0]]) == 1
+    ws = open_workspace(bundle["workspace"])
+    db = connect(ws)
+    catalog.set_decode_budget_bytes(db, 16 * 2**20)
+    try:
+        assert main(["predict", "--workspace", str(ws.root), str(big), bundle["images"][0]]) == 1
+    finally:
+        catalog.set_decode_budget_bytes(db, 256 * 2**20)
+        db.close()
+    refusal = f"{big}: error: decoded size 26 MB exceeds this workspace's 16 MB budget"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.startswith(refusal) for line in lines] == [True, False, True, False]
+
+
+def test_hostile_file_names_reach_neither_the_terminal_nor_a_spreadsheet_as_commands(bundle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = ["=HYPERLINK(1).png", "evil\x1b[2J\rtitle.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(image_bytes())
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["predict", str(bundle["path"]), *names, "--csv", "out.csv"]) == 0
+    printed = stdout.getvalue()
+    assert "\x1b" not in printed and "\r" not in printed
+    assert [line.split(": ")[0] for line in printed.splitlines()] == ["=HYPERLINK(1).png", "evil?[2J?title.png"]
+    rows = csv.DictReader(io.StringIO((tmp_path / "out.csv").read_text()))
+    assert [row["file"] for row in rows] == ["'=HYPERLINK(1).png", "evil?[2J?title.png"]
+
+
+def test_a_tampered_bundle_is_refused_with_the_reason(bundle, tmp_path, capsys):
+    tampered = tmp_path / "tampered.zip"
+    with zipfile.ZipFile(bundle["path"]) as source, zipfile.ZipFile(tampered, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, json.dumps(["red", "blue", "green"]) if name == "labels.json" else source.read(name))
+    assert main(["predict", str(tampered), bundle["images"][0]]) == 2
+    assert "one output per class of labels.json" in capsys.readouterr().err

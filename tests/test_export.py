@@ -1,12 +1,13 @@
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
-from core import bundle_predict, export
+from core import bundle_predict, catalog, export, images
 from core.catalog import now
 from core.errors import LoupeError
 from core.images import open_image_rgb
@@ -49,13 +50,15 @@ def test_bundle_holds_every_file_and_a_verified_report(exported):
         config = json.loads(bundle.read("preprocess.json"))
         Image.open(bundle.open("confusion_matrix.png")).verify()
         assert bundle.read("predict.py") == export.predict_script()
+        assert bundle.read("images.py") == export.images_module() == Path(images.__file__).read_bytes()
     assert names == {
         "model.onnx", "model.int8.onnx", "labels.json", "preprocess.json", "model_card.md",
-        "confusion_matrix.png", "predict.py",
+        "confusion_matrix.png", "predict.py", "images.py",
     }
     preprocessing = exported["trained"].preprocessing
     assert (config["input_size"], config["resize_size"], config["interpolation"]) == (160, 168, "bicubic")
     assert config["mean"] == list(preprocessing.mean) and config["std"] == list(preprocessing.std)
+    assert config["decode_budget_bytes"] == images.DEFAULT_DECODE_BUDGET_BYTES
     assert report.checks.checker == "passed" and report.checks.same_classes
     assert report.checks.images == 6 and report.checks.batch_size == 6
     assert report.checks.max_abs_diff <= export.PARITY_TOLERANCE
@@ -89,11 +92,11 @@ def test_snapshot_hash_changes_with_a_label():
 
 def test_bundle_matches_pytorch_and_the_stored_predictions(exported):
     ws, db, run_id = exported["ws"], exported["db"], exported["run_id"]
-    images, rows = val_images(ws, db, run_id)
+    rgb, rows = val_images(ws, db, run_id)
     predictor = bundle_predict.BundlePredictor.from_zip(exported["report"].path)
-    reference = export.torch_probabilities(exported["trained"], images)
-    one_by_one = np.concatenate([predictor.predict_images([image]) for image in images])
-    batched = predictor.predict_images(images, batch_size=4)
+    reference = export.torch_probabilities(exported["trained"], rgb)
+    one_by_one = np.concatenate([predictor.predict_images([image]) for image in rgb])
+    batched = predictor.predict_images(rgb, batch_size=4)
     stored = {
         r["image_id"]: json.loads(r["probs"])
         for r in db.query("SELECT image_id, probs FROM predictions WHERE run_id = ?", [run_id])
@@ -112,8 +115,8 @@ def test_int8_model_and_its_figures(exported):
     assert figures.int8_bytes < figures.fp32_bytes
     assert figures.calibration_images == 6 and figures.speedup > 0
     int8 = bundle_predict.BundlePredictor.from_zip(report.path, int8=True)
-    images, _ = val_images(exported["ws"], exported["db"], exported["run_id"])
-    probs = int8.predict_images(images)
+    rgb, _ = val_images(exported["ws"], exported["db"], exported["run_id"])
+    probs = int8.predict_images(rgb)
     assert probs.shape == (6, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-2)
     with zipfile.ZipFile(report.path) as bundle:
         props = {p.key: p.value for p in onnx.load_from_string(bundle.read("model.int8.onnx")).metadata_props}
@@ -160,9 +163,9 @@ def test_an_invalid_onnx_file_is_never_offered(exported, tmp_path):
     model.graph.node[0].input[0] = "nowhere"
     path = tmp_path / "invalid.onnx"
     onnx.save(model, path)
-    images, _ = val_images(exported["ws"], exported["db"], exported["run_id"])
+    _, rows = val_images(exported["ws"], exported["db"], exported["run_id"])
     with pytest.raises(LoupeError, match="invalid"):
-        export.verify_export(path, exported["trained"], images)
+        export.verify_export(path, exported["trained"], [exported["ws"].root / r["path"] for r in rows])
 
 
 def test_only_a_succeeded_run_can_be_exported(workspace, db, tmp_path):
@@ -174,3 +177,31 @@ def test_only_a_succeeded_run_can_be_exported(workspace, db, tmp_path):
     with pytest.raises(LoupeError, match="status failed"):
         export.export_run(workspace, db, tmp_path / "b.zip", run_id=run_id)
     assert not (tmp_path / "b.zip").exists()
+
+
+def test_the_parity_check_reads_the_stored_files_the_bundle_way(exported, monkeypatch):
+    ws, db, run_id = exported["ws"], exported["db"], exported["run_id"]
+    read_by_bundle = []
+    def load_image(path, config):
+        read_by_bundle.append(path)
+        return open_image_rgb(path)
+
+    monkeypatch.setattr(bundle_predict, "load_image", load_image)
+    _, rows = val_images(ws, db, run_id)
+    paths = [ws.root / r["path"] for r in rows]
+    with zipfile.ZipFile(exported["report"].path) as bundle:
+        (ws.root / "checked.onnx").write_bytes(bundle.read("model.onnx"))
+    checks, _ = export.verify_export(ws.root / "checked.onnx", exported["trained"], paths, batch_size=4)
+    # Every stored file, once at batch 1 and once at batch 4, went through the bundle's own decoder.
+    assert read_by_bundle == paths + paths and checks.max_abs_diff <= export.PARITY_TOLERANCE
+
+
+def test_the_bundle_carries_the_workspace_decode_budget(exported, tmp_path):
+    ws, db = exported["ws"], exported["db"]
+    catalog.set_decode_budget_bytes(db, 32 * 2**20)
+    try:
+        report = export.export_run(ws, db, tmp_path / "budget.zip")
+    finally:
+        catalog.set_setting(db, "decode_budget_bytes", images.DEFAULT_DECODE_BUDGET_BYTES)
+    with zipfile.ZipFile(report.path) as bundle:
+        assert json.loads(bundle.read("preprocess.json"))["decode_budget_bytes"] == 32 * 2**20

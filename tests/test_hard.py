@@ -1,10 +1,14 @@
+import io
+
 import numpy as np
 import pytest
 from sklearn.preprocessing import normalize
 
 from core import catalog, hard, ingest, uncertainty
 from core.errors import LoupeError
-from core.metrics import load_run_predictions
+from core.metrics import RunPredictions, load_run_predictions
+from PIL import Image, ImageDraw
+
 from tests.conftest import add_labelled_images, image_bytes
 
 
@@ -114,7 +118,7 @@ def test_queues_from_a_run(workspace, db, make_run):
     features = hard.run_embeddings(workspace, db, {"config": None}, labelled.image_ids)
     assert features.shape == (10, 1280)
     queue = hard.mislabelled_queue(preds, features)
-    assert sorted(queue.image_id) == sorted(labelled.image_ids.tolist())
+    assert set(queue.image_id) <= set(labelled.image_ids.tolist())
     stored = hard.run_mislabelled_queue(workspace, db, {"config": None}, preds)
     assert stored.image_id.tolist() == queue.image_id.tolist()
     assert hard.run_embeddings(workspace, db, {"config": None}, labelled.image_ids, compute_missing=False) is not None
@@ -145,3 +149,66 @@ def test_next_unsure_image_walks_the_order(workspace, db, make_run):
     assert uncertainty.next_unsure_image_id(db, a) == b  # wraps around
     catalog.set_label(db, b, "red", "me")
     assert uncertainty.next_unsure_image_id(db, b) == c  # the one just labelled left the order
+
+
+def test_the_likely_mislabelled_queue_holds_only_what_cleanlab_flags(monkeypatch):
+    x, y = blobs(per_class=30, classes=2, dim=16)
+    noisy = y.copy()
+    noisy[[3, 40]] = 1 - noisy[[3, 40]]
+    run = RunPredictions(1, ["a", "b"], np.arange(100, 160), np.array(["train"] * 60, dtype=object),
+                         np.full((60, 2), 0.5), noisy)
+    monkeypatch.setattr(hard, "imagenet_probabilities", lambda features, *args: None)
+    queue = hard.mislabelled_queue(run, x)
+    assert set(queue.image_id) == {103, 140}
+    assert list(queue.label_quality) == sorted(queue.label_quality)
+    assert set(queue.suggested) == {"a", "b"} and (queue.suggested != queue.label).all()
+
+
+def photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A generated picture with structure a perceptual hash can see: random shapes on a gradient."""
+    rng = np.random.default_rng(seed)
+    gradient = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :, None].repeat(size[1], 0).repeat(3, 2)
+    image = Image.fromarray(gradient)
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        r = int(rng.integers(10, 60))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def recompressed(image: Image.Image, quality: int) -> Image.Image:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+
+
+def test_a_flipped_halved_or_recompressed_copy_hashes_close_and_another_picture_does_not():
+    original = photo(1)
+    copies = [
+        original.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        original.resize((160, 120)),
+        recompressed(original, 60),
+    ]
+    hashes = hard.perceptual_hashes([original, *copies, photo(2), photo(3)])
+    distances = hard.hash_distances(hashes[:1], hashes)[0]
+    assert distances[0] == 0
+    assert (distances[1:4] <= hard.NEAR_DUPLICATE_HASH_DISTANCE).all()
+    assert (distances[4:] > 3 * hard.NEAR_DUPLICATE_HASH_DISTANCE).all()
+
+
+def test_near_duplicates_are_found_by_either_measure_at_an_adjustable_threshold():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 64))
+    x[1] = x[0] + 0.45 * rng.normal(size=64) * np.linalg.norm(x[0]) / 8  # about 0.9 alike
+    similarity = float(normalize(x)[0] @ normalize(x)[1])
+    assert 0.85 < similarity < 0.95
+    hashes = hard.perceptual_hashes([photo(n) for n in (10, 11, 12, 13, 13)])  # 3 and 4: the same picture
+    ids, splits = np.arange(5), np.array(["train", "train", "val", "train", "test"], dtype=object)
+    queue = hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, hashes=hashes)
+    assert {(r.image_id, r.other_image_id) for r in queue.itertuples()} == {(0, 1), (3, 4)}
+    leak = queue.set_index(["image_id", "other_image_id"]).loc[(3, 4)]
+    assert leak.leakage and leak.hash_distance == 0
+    strict = hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, hashes=hashes, threshold=0.95)
+    assert strict[["image_id", "other_image_id"]].values.tolist() == [[3, 4]]
+    assert hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, threshold=0.95).empty

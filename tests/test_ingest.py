@@ -2,7 +2,7 @@ import io
 import struct
 import zipfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -75,7 +75,7 @@ HOSTILE_CORPUS = {
     "not_an_image.jpg": (b"<html>this is not a photo</html>" * 10, "rejected", "not an image"),
     "truncated.jpg": (image_bytes((9, 9, 9), size=(64, 64), fmt="JPEG")[:300], "rejected", "truncated"),
     "bomb.png": (bomb_png(20_000), "rejected", "decompression bomb"),
-    "bomb_just_over.png": (bomb_png(10_000), "rejected", "decompression bomb"),
+    "bomb_just_over.png": (bomb_png(10_000), "rejected", ""),
     "cmyk.jpg": (cmyk_jpeg(), "added", ""),
     "sixteen_bit.png": (png16(), "added", ""),
     "palette_alpha.png": (palette_png_with_transparency(), "added", ""),
@@ -166,7 +166,7 @@ def test_failed_catalog_write_leaves_no_files(workspace, db, monkeypatch):
     def broken_insert(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(catalog, "insert_image", broken_insert)
+    monkeypatch.setattr(catalog, "insert_new_image", broken_insert)
     with pytest.raises(RuntimeError):
         ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 7)), "a.png")
     assert_catalog_consistent(workspace, db)
@@ -193,7 +193,7 @@ def test_zip_upload_labels_by_folder_and_pins_splits(workspace, db):
         }
     )
     outcomes = ingest.ingest_upload(workspace, db, "dataset.zip", data)
-    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "rejected": 1}
+    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "conflicts": 0, "rejected": 1, "skipped": 1}
     rows = db.query(
         "SELECT original_name, classes.name AS label, split, pinned FROM images "
         "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
@@ -206,13 +206,26 @@ def test_zip_upload_labels_by_folder_and_pins_splits(workspace, db):
     assert_catalog_consistent(workspace, db)
 
 
-def test_zip_with_traversal_names_and_a_damaged_zip(workspace, db):
-    data = make_zip({"../../evil.jpg": image_bytes((8, 1, 1)), "/abs/cats/x.png": image_bytes((8, 2, 2))})
-    items = list(ingest.items_from_zip(data))
-    assert [(i.label, i.split) for i in items] == [(None, None), ("cats", None)]
+def test_zip_entries_with_names_that_cannot_be_taken_are_rejected_with_the_reason(workspace, db):
+    data = make_zip({
+        "../../evil.jpg": image_bytes((8, 1, 1)),
+        "/abs/cats/x.png": image_bytes((8, 2, 2)),
+        "C:/photos/cats/y.png": image_bytes((8, 3, 3)),
+        "photos\\cats\\z.png": image_bytes((8, 4, 4)),
+        "photos/dogs/fine.png": image_bytes((8, 5, 5)),
+    })
     outcomes = ingest.ingest_upload(workspace, db, "evil.zip", data)
-    assert [o.status for o in outcomes] == ["added", "added"]
-    assert catalog.class_names(db) == ["cats"]
+    assert [o.status for o in outcomes] == ["rejected"] * 4 + ["added"]
+    reasons = [o.reason for o in outcomes[:4]]
+    assert all(r.startswith("unsafe name in the archive") for r in reasons)
+    for reason, words in zip(reasons, ["(..)", "absolute path", "drive letter", "backslash"]):
+        assert words in reason
+    assert catalog.class_names(db) == ["dogs"] and catalog.count_images(db) == 1
+    assert not (workspace.root.parent / "evil.jpg").exists()
+    assert_catalog_consistent(workspace, db)
+
+
+def test_a_damaged_zip_is_rejected_as_one_file(workspace, db):
     [damaged] = ingest.ingest_upload(workspace, db, "broken.zip", b"PK\x03\x04 not really")
     assert damaged.status == "rejected" and "zip" in damaged.reason
     assert_catalog_consistent(workspace, db)
@@ -248,12 +261,13 @@ def test_folder_import_imagefolder_layout(workspace, db, tmp_path):
         },
     )
     outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
-    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "rejected": 0}
+    assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "conflicts": 0, "rejected": 0, "skipped": 1}
+    assert (".hidden.png", "skipped", "hidden file") in [(o.name, o.status, o.reason) for o in outcomes]
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 2
     assert catalog.count_images(db, catalog.ImageFilter(class_name="bees")) == 1
     assert catalog.count_images(db, catalog.ImageFilter(unlabelled=True)) == 1
     again = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
-    assert ingest.summarise(again) == {"added": 0, "duplicates": 4, "rejected": 0}
+    assert ingest.summarise(again) == {"added": 0, "duplicates": 4, "conflicts": 0, "rejected": 0, "skipped": 1}
     with pytest.raises(LoupeError, match="not a folder"):
         ingest.items_from_path(tmp_path / "missing")
 
@@ -290,8 +304,255 @@ def test_hymenoptera_imports_whole_with_its_splits_pinned(workspace, db):
     root = require_dataset("hymenoptera")
     outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
     files = sum(1 for p in root.rglob("*") if p.is_file())
-    assert ingest.summarise(outcomes) == {"added": files, "duplicates": 0, "rejected": 0}
+    assert ingest.summarise(outcomes) == {"added": files, "duplicates": 0, "conflicts": 0, "rejected": 0, "skipped": 0}
     summary = catalog.overview(db)
     assert {r["class"] for r in summary["per_class"]} == {"ants", "bees"}
     assert summary["per_split"]["test"] == 0 and summary["per_split"]["val"] > 100
+    assert_catalog_consistent(workspace, db)
+
+
+def with_header_offset(archive: bytes, member: str, offset: int) -> bytes:
+    """The archive with `member`'s local header offset in the central directory changed to `offset`."""
+    data = bytearray(archive)
+    start = data.find(b"PK\x01\x02")
+    while start != -1:
+        name_length = int.from_bytes(data[start + 28 : start + 30], "little")
+        if data[start + 46 : start + 46 + name_length].decode() == member:
+            data[start + 42 : start + 46] = offset.to_bytes(4, "little")
+            return bytes(data)
+        start = data.find(b"PK\x01\x02", start + 46)
+    raise AssertionError(f"{member} is not in the archive")
+
+
+def test_a_zip_with_overlapping_entries_is_refused(workspace, db):
+    data = with_header_offset(make_zip({"ants/a.png": image_bytes((1, 1, 1)), "ants/b.png": image_bytes((2, 2, 2))}),
+                              "ants/b.png", 0)
+    with pytest.raises(LoupeError, match="overlap"):
+        ingest.items_from_zip(data)
+    [outcome] = ingest.ingest_upload(workspace, db, "bomb.zip", data)
+    assert outcome.status == "rejected" and "overlap" in outcome.reason
+    assert catalog.count_images(db) == 0
+
+
+def test_a_zip_over_the_member_or_size_limits_is_refused_before_reading(workspace, db, monkeypatch):
+    data = make_zip({f"ants/{n}.png": image_bytes((n, 1, 1)) for n in range(4)})
+    monkeypatch.setattr(ingest, "MAX_ZIP_MEMBERS", 3)
+    with pytest.raises(LoupeError, match="4 entries, more than 3: split it"):
+        ingest.items_from_zip(data)
+    monkeypatch.setattr(ingest, "MAX_ZIP_MEMBERS", 100)
+    monkeypatch.setattr(ingest, "MAX_ZIP_TOTAL_BYTES", 2**30)
+    declared = bytearray(data)
+    declared[declared.find(b"PK\x01\x02") + 24 : declared.find(b"PK\x01\x02") + 28] = (2**31).to_bytes(4, "little")
+    with pytest.raises(LoupeError, match="unpacks to more than 1 GB"):
+        ingest.items_from_zip(bytes(declared))
+
+
+def test_a_zip_entry_declared_larger_than_the_file_limit_is_rejected_unread(workspace, db, monkeypatch):
+    data = make_zip({"ants/big.png": image_bytes((1, 1, 1)), "ants/small.png": image_bytes((2, 2, 2))})
+    monkeypatch.setattr(ingest, "MAX_FILE_BYTES", len(image_bytes((1, 1, 1))) - 1)
+    items = ingest.items_from_zip(data)
+    monkeypatch.setattr(ingest.zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("an oversized entry was read"))
+    outcome = ingest.ingest_items(workspace, db, items[:1])[0]
+    assert (outcome.status, outcome.reason) == ("rejected", "zip entry larger than 0 MB")
+
+
+def test_hidden_entries_and_macos_metadata_are_listed_as_skipped(workspace, db):
+    data = make_zip({
+        "set/ants/a.png": image_bytes((1, 1, 1)),
+        "set/ants/.DS_Store": b"\x00\x00",
+        "__MACOSX/set/ants/._a.png": b"resource fork",
+        "set/.git/config": b"[core]",
+    })
+    outcomes = ingest.ingest_upload(workspace, db, "set.zip", data)
+    assert [(o.name, o.status) for o in outcomes] == [
+        ("a.png", "added"), (".DS_Store", "skipped"), ("._a.png", "skipped"), ("config", "skipped"),
+    ]
+    assert "__MACOSX" in outcomes[2].reason and outcomes[1].reason == "hidden file"
+    assert ingest.summarise(outcomes)["skipped"] == 3
+
+
+def test_a_class_name_never_comes_from_a_climbing_or_absolute_path():
+    paths = [PurePosixPath(p) for p in ["../../etc/x.png", "/abs/cats/y.png", "a/../dogs/z.png", "ants/ok.png"]]
+    assert ingest._label_and_split(paths) == [(None, None), (None, None), (None, None), ("ants", None)]
+
+
+def test_a_duplicate_with_another_label_is_kept_as_a_conflict(workspace, db):
+    first = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "rose.png", "rose")
+    outcome = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip")
+    assert (outcome.status, outcome.image_id) == ("conflict", first.image_id)
+    assert outcome.reason == f"duplicate of #{first.image_id}, labelled rose; this copy says tulip"
+    assert catalog.get_image(db, first.image_id)["label"] == "rose"
+    [conflict] = catalog.open_import_conflicts(db)
+    assert (conflict["image_id"], conflict["label"], conflict["claimed_label"], conflict["source_name"]) == (
+        first.image_id, "rose", "tulip", "tulip.png"
+    )
+    same = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "again.png", "rose")
+    assert same.status == "duplicate"
+    again = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip")
+    assert again.status == "conflict" and len(catalog.open_import_conflicts(db)) == 1
+    catalog.set_label(db, first.image_id, "tulip", "expert")
+    assert catalog.open_import_conflicts(db) == []
+
+
+def test_loupe_import_prints_conflicts_and_skipped_and_takes_a_zip_by_its_content(tmp_path, capsys):
+    from core.cli import main
+
+    (tmp_path / "first.zip").write_bytes(make_zip({"rose/a.png": image_bytes((4, 4, 4))}))
+    # no .zip in its name: known by its content
+    (tmp_path / "second.bin").write_bytes(make_zip({"tulip/a.png": image_bytes((4, 4, 4)), ".hidden": b"x"}))
+    workspace = str(tmp_path / "ws")
+    assert main(["import", "--workspace", workspace, str(tmp_path / "first.zip")]) == 0
+    assert main(["import", "--workspace", workspace, str(tmp_path / "second.bin")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-5:] == ["added: 0", "duplicates: 0", "conflicts: 1", "rejected: 0", "skipped: 1"]
+    assert "conflict a.png: duplicate of #1, labelled rose; this copy says tulip" in err
+    assert main(["import", "--workspace", workspace, ""]) == 2
+    assert "Name a folder" in capsys.readouterr().err
+
+
+def test_empty_and_relative_paths_are_refused():
+    for path in ["", "   ", "photos/ants", "."]:
+        with pytest.raises(LoupeError, match="full path"):
+            ingest.items_from_path(path)
+
+
+def test_a_folder_scan_reports_progress_and_can_be_cancelled(tmp_path):
+    import threading
+
+    files = {f"c{k}/{n}.png": image_bytes((k, n, 0)) for k in range(3) for n in range(2)}
+    root = write_tree(tmp_path / "photos", files)
+    found = []
+    assert len(ingest.items_from_folder(root, on_progress=found.append)) == 6
+    assert found[-1] == 6 and found == sorted(found)
+    cancel = threading.Event()
+
+    def cancel_after_first_folder(count):
+        cancel.set()
+
+    with pytest.raises(LoupeError, match="cancelled"):
+        ingest.items_from_folder(root, on_progress=cancel_after_first_folder, cancel=cancel)
+
+
+def test_an_import_stops_between_files_when_cancelled_and_keeps_what_it_took(workspace, db):
+    import threading
+
+    cancel = threading.Event()
+    items = [ingest.ImportItem(f"{n}.png", lambda n=n: image_bytes((n, 5, 5))) for n in range(5)]
+    outcomes = ingest.ingest_items(workspace, db, items, on_progress=lambda done: done == 2 and cancel.set(),
+                                   cancel=cancel)
+    assert [o.status for o in outcomes] == ["added", "added"]
+    assert catalog.count_images(db) == 2
+    assert_catalog_consistent(workspace, db)
+
+
+def test_symlinks_and_hidden_files_in_a_folder_are_listed_as_skipped(workspace, db, tmp_path):
+    root = write_tree(tmp_path / "photos", {
+        "ants/a.png": image_bytes((1, 9, 9)), ".cache/x.png": image_bytes((2, 9, 9))
+    })
+    (tmp_path / "secret.png").write_bytes(image_bytes((3, 9, 9)))
+    (root / "ants" / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "elsewhere").symlink_to(tmp_path)
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    skipped = {(o.name, o.reason) for o in outcomes if o.status == "skipped"}
+    assert skipped == {
+        (".cache", "hidden file (folder)"), ("elsewhere", "symbolic link (folder)"), ("link.png", "symbolic link"),
+    }
+    assert catalog.count_images(db) == 1
+
+
+def test_list_file_errors_never_quote_the_file_or_server_paths(workspace, db, tmp_path):
+    listing = tmp_path / "passwd"
+    listing.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(LoupeError) as error:
+        ingest.items_from_list_file(listing)
+    assert str(error.value) == "passwd: line 1 is not `path label`."
+    listing.write_text("../elsewhere/missing.png cat\n")
+    [outcome] = ingest.ingest_items(workspace, db, ingest.items_from_list_file(listing))
+    assert outcome.reason == "cannot read: No such file or directory"
+
+
+def test_a_full_disk_gives_one_clear_message_and_loses_nothing(workspace, db, monkeypatch):
+    import errno
+    import os
+
+    from core.workspace import DISK_FULL_MESSAGE
+
+    real_fdopen = os.fdopen
+    written = []
+
+    def fdopen_filling_the_disk(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        written.append(f)
+        if len(written) > 4:  # the third image's file finds the disk full
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen_filling_the_disk)
+    items = [ingest.ImportItem(f"{n}.png", lambda n=n: image_bytes((n, 6, 6))) for n in range(5)]
+    with pytest.raises(LoupeError) as error:
+        ingest.ingest_items(workspace, db, items)
+    assert str(error.value) == DISK_FULL_MESSAGE
+    assert catalog.count_images(db) == 2  # the two whole images before it are kept
+    assert_catalog_consistent(workspace, db)
+    assert not [p for p in workspace.root.rglob(".tmp-*")]
+
+
+def test_a_catalog_that_cannot_grow_gives_the_disk_full_message_and_leaves_no_files(workspace, db, monkeypatch):
+    import sqlite3
+
+    from core.workspace import DISK_FULL_MESSAGE
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(catalog, "insert_new_image", full)
+    with pytest.raises(LoupeError, match="^" + DISK_FULL_MESSAGE.replace(".", r"\.") + "$"):
+        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 1)), "a.png")
+    assert_catalog_consistent(workspace, db)
+    assert catalog.count_images(db) == 0
+
+
+def test_an_import_that_loses_the_race_for_an_image_reports_a_duplicate(workspace, db):
+    from core.workspace import connect
+
+    data = image_bytes((3, 1, 4))
+    batch = ingest._Batch(workspace, db, "import")
+    mine = ingest.ingest_bytes(workspace, db, data, "mine.png", "pi", batch=batch)
+    other = connect(workspace)  # another process stores the same bytes before this batch commits
+    theirs = ingest.ingest_bytes(workspace, other, data, "theirs.png", "pi")
+    other.close()
+    batch.commit()
+    assert theirs.status == "added"
+    assert (mine.status, mine.image_id) == ("duplicate", theirs.image_id)
+    assert mine.reason == f"duplicate of #{theirs.image_id}"
+    assert catalog.count_images(db) == 1
+    assert_catalog_consistent(workspace, db)
+
+
+def test_two_processes_importing_overlapping_folders_both_finish_with_a_full_report(workspace, db, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    colours = {n: (n % 256, n // 256, 77) for n in range(200)}
+    first = write_tree(tmp_path / "first", {f"c{n % 3}/{n}.png": image_bytes(colours[n], (24, 24)) for n in range(150)})
+    second = write_tree(tmp_path / "second",
+                        {f"c{n % 3}/{n}.png": image_bytes(colours[n], (24, 24)) for n in range(50, 200)})
+    imports = [
+        subprocess.Popen([sys.executable, "-m", "core.cli", "import", "--workspace", str(workspace.root), str(folder)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for folder in (first, second)
+    ]
+    reports = []
+    for process in imports:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        reports.append(dict((k, int(v)) for k, v in (line.split(": ") for line in out.splitlines())))
+    for report in reports:
+        assert report["added"] + report["duplicates"] == 150
+        assert report["conflicts"] == report["rejected"] == report["skipped"] == 0
+    assert sum(r["added"] for r in reports) == 200
+    assert catalog.count_images(db) == 200
     assert_catalog_consistent(workspace, db)

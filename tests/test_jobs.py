@@ -1,15 +1,17 @@
+import dataclasses
 import json
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
 from tests.conftest import add_labelled_images
-from core import catalog, jobs
+from core import catalog, jobs, selection
 from core.catalog import now
+from core.config import PRESETS, ResolvedConfig
 from core.errors import LoupeError
 from core.jobs import RunStatus
-from core.training import PRESETS
 
 LONG_AGO = "2000-01-01T00:00:00.000+00:00"
 
@@ -38,7 +40,7 @@ def test_create_run_queues_a_snapshot_that_later_labelling_does_not_change(label
 
     relabelled = next(iter(snapshot))
     catalog.set_label(db, relabelled, "green", "tester")
-    dataset, class_ids = jobs.run_dataset(labelled_workspace, db, run_id)
+    dataset, class_ids = selection.run_dataset(labelled_workspace, db, run_id)
 
     assert dataset.classes == ["red", "blue"]
     assert class_ids == [catalog.require_class(db, name)["id"] for name in ("red", "blue")]
@@ -46,7 +48,7 @@ def test_create_run_queues_a_snapshot_that_later_labelling_does_not_change(label
     assert dataset.classes[labelled[relabelled].label] == "red"
     assert {i: (class_ids[item.label], item.split) for i, item in labelled.items()} == snapshot
     unlabelled = [item for item in dataset.items if item.label is None]
-    assert len(unlabelled) == 2 and {item.split for item in unlabelled} == {jobs.UNLABELLED_SPLIT}
+    assert len(unlabelled) == 2 and {item.split for item in unlabelled} == {selection.UNLABELLED_SPLIT}
     assert all(item.path.is_file() for item in dataset.items)
 
 
@@ -153,17 +155,21 @@ def test_promote_only_a_succeeded_run_and_only_one_is_current(labelled_workspace
     assert [r["id"] for r in db.query("SELECT id FROM runs WHERE is_current = 1")] == [second]
 
 
-def test_finish_succeeded_stores_predictions_and_metrics_and_makes_the_run_current(labelled_workspace, db):
+def test_finish_succeeded_stores_predictions_metrics_and_the_resolved_config_and_makes_the_run_current(
+    labelled_workspace, db
+):
     run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
     jobs.claim_run(db, run_id, 1001)
     red = catalog.require_class(db, "red")["id"]
-    as_run = {**PRESETS["quick"].to_dict(), "image_size": 288}
+    as_run = {**PRESETS["quick"].to_dict(), "image_size": 288, "device": "cpu"}
     jobs.finish_succeeded(db, run_id, {"val_accuracy": 0.5}, [(1, "val", red, [0.9, 0.1])], as_run)
 
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.SUCCEEDED and run["is_current"] == 1
     assert run["metrics"] == {"val_accuracy": 0.5}
-    assert run["config"] == as_run
+    assert run["config"] == PRESETS["quick"].to_dict()  # as asked for
+    assert run["resolved_config"] == as_run
+    assert jobs.run_config(run) == ResolvedConfig(**as_run)
     row = next(db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id]))
     assert (row["image_id"], row["split"], row["predicted_class_id"], json.loads(row["probs"])) == (
         1, "val", red, [0.9, 0.1]
@@ -190,3 +196,60 @@ def test_run_seconds_from_start_to_finish():
     assert jobs.run_seconds({"started_at": now(), "finished_at": None}) < 5
 
 
+
+
+def test_run_config_falls_back_to_the_stored_config_for_runs_without_a_resolved_one(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["thorough"])
+    # A run that succeeded before resolved configs were kept: its `config` was replaced by the one as run.
+    set_run(db, run_id, config=json.dumps({**PRESETS["thorough"].to_dict(), "image_size": 288}))
+
+    config = jobs.run_config(jobs.get_run(db, run_id))
+
+    assert isinstance(config, ResolvedConfig)
+    assert (config.strategy, config.image_size) == ("two_stage", 288)
+    assert jobs.run_config({"config": None}) == ResolvedConfig()
+
+
+def test_create_run_refuses_a_config_that_cannot_work_and_queues_nothing(labelled_workspace, db):
+    with pytest.raises(LoupeError, match="epochs"):
+        jobs.create_run(labelled_workspace, db, dataclasses.replace(PRESETS["quick"], epochs=0))
+    assert jobs.list_runs(db) == []
+
+
+def as_if_trained_on_a_gpu(db, run_id: int) -> dict:
+    """The run's row as a GPU machine would have left it: device cuda asked for and trained on."""
+    run = jobs.get_run(db, run_id)
+    asked = {**(run["config"] or {}), "device": "cuda"}
+    set_run(db, run_id, config=json.dumps(asked), resolved_config=json.dumps({**jobs.run_config(run).to_dict(),
+                                                                                "device": "cuda"}))
+    return jobs.get_run(db, run_id)
+
+
+def test_a_run_trained_on_a_gpu_opens_for_review_grad_cam_and_export_on_a_cpu_only_machine(
+    workspace, db, make_run, monkeypatch, tmp_path
+):
+    import torch
+
+    from core import export, hard
+    from core.checkpoints import load_run_model
+    from core.explain import explain
+    from core.images import open_image_rgb
+    from core.metrics import load_run_predictions
+    from tests.exported_run import make_succeeded_run, tiny_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    add_labelled_images(workspace, db, {"red": {"train": 2, "val": 2}, "blue": {"train": 2, "val": 2}})
+    run = as_if_trained_on_a_gpu(db, make_run())
+
+    assert jobs.run_config(run).device == "cuda"
+    predictions = load_run_predictions(workspace, db, run["id"])
+    assert hard.run_embeddings(workspace, db, run, predictions.image_ids).shape[0] == 8
+    assert list(hard.run_mislabelled_queue(workspace, db, run, predictions).columns)[:2] == ["image_id", "split"]
+    heatmap = explain(load_run_model(workspace, run["id"]), open_image_rgb(workspace.root / catalog.get_image(db, 1)["path"]), 0)
+    assert heatmap.shape == (32, 32)
+
+    exported = as_if_trained_on_a_gpu(db, make_succeeded_run(workspace, db, tiny_model(["red", "blue"])))
+    report = export.export_run(workspace, db, tmp_path / "bundle.zip", run_id=exported["id"])
+    assert report.checks.same_classes
+    with zipfile.ZipFile(report.path) as bundle:
+        assert '"device": "cuda"' in bundle.read("model_card.md").decode()

@@ -3,14 +3,22 @@ import pytest
 
 from core import catalog, ingest
 from core.errors import LoupeError
+from sklearn.metrics import accuracy_score, f1_score
+
 from core.metrics import (
+    MIN_IMAGES_TO_JUDGE,
     NO_LABEL,
     RunPredictions,
     calibration,
-    compare_runs,
     confusion_cell_images,
+    bootstrap_scores,
+    headline,
     load_run_predictions,
+    run_figures,
+    score_estimates,
     split_metrics,
+    split_warnings,
+    stored_headline,
 )
 from tests.conftest import image_bytes
 
@@ -87,27 +95,108 @@ def four_val_images(workspace, db):
     return ids
 
 
-def test_run_predictions_and_comparison_from_the_catalog(workspace, db, make_run, four_val_images):
-    a_ids = four_val_images
-    run_a = make_run({i: p for i, p in zip(a_ids, HAND.probs.tolist())})
-    # Run b gets the second cat right and the last dog wrong.
-    run_b = make_run({i: p for i, p in zip(a_ids, [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])})
-    loaded = load_run_predictions(workspace, db, run_a)
+def test_run_predictions_come_from_the_catalog_and_keep_the_labels_of_their_run(workspace, db, make_run, four_val_images):
+    ids = four_val_images
+    run = make_run({i: p for i, p in zip(ids, HAND.probs.tolist())})
+    loaded = load_run_predictions(workspace, db, run)
     assert loaded.classes == ["cat", "dog"]
     assert split_metrics(loaded, "val").confusion.tolist() == [[1, 1], [0, 2]]
-
-    diff = compare_runs(workspace, db, run_a, run_b)
-    assert diff.right_to_wrong == [a_ids[3]]
-    assert diff.wrong_to_right == [a_ids[1]]
-    assert diff.accuracy_delta == pytest.approx(0.0)
-    cat = diff.per_class.set_index("class").loc["cat"]
-    assert cat.recall_delta == pytest.approx(0.5)
-
-    # Relabelling afterwards does not change what run a is measured against.
-    catalog.set_label(db, a_ids[1], "dog", "expert")
-    assert split_metrics(load_run_predictions(workspace, db, run_a), "val").accuracy == pytest.approx(0.75)
+    # Relabelling afterwards does not change what the run is measured against.
+    catalog.set_label(db, ids[1], "dog", "expert")
+    assert split_metrics(load_run_predictions(workspace, db, run), "val").accuracy == pytest.approx(0.75)
 
 
 def test_a_run_without_a_model_file_is_a_clear_error(workspace, db):
     with pytest.raises(LoupeError, match="no model file"):
         load_run_predictions(workspace, db, 99)
+
+
+def test_bootstrap_agrees_with_resampling_images_one_resample_at_a_time():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 80)
+    predicted = np.where(rng.random(80) < 0.7, labels, rng.integers(0, 3, 80))
+    replicates = bootstrap_scores(labels, predicted, 3, resamples=200, seed=11)
+    # The same draws, resample by resample, scored by scikit-learn.
+    draws = np.random.default_rng(11).integers(0, 80, size=(200, 80))
+    assert replicates["accuracy"] == pytest.approx([accuracy_score(labels[d], predicted[d]) for d in draws])
+    assert replicates["macro_f1"] == pytest.approx(
+        [f1_score(labels[d], predicted[d], labels=[0, 1, 2], average="macro", zero_division=0) for d in draws]
+    )
+    assert replicates["recall"].shape == (200, 3)
+
+
+def test_intervals_hold_the_figure_narrow_with_more_images_and_mark_too_few():
+    def scores(n):
+        labels = np.arange(n) % 2
+        predicted = np.where(np.arange(n) % 5 == 0, 1 - labels, labels)  # 80% right
+        return score_estimates(labels, predicted, 2)
+
+    small, large = scores(20)["accuracy"], scores(1000)["accuracy"]
+    assert small.value == pytest.approx(0.8) and small.low < 0.8 < small.high
+    assert large.high - large.low < (small.high - small.low) / 4
+    assert small.too_few and not large.too_few
+    assert "too few to judge" in small.text() and "n = 20" in small.text()
+    assert "too few" not in large.text() and large.text().startswith("80.0% (95% CI ")
+    # Fixed seed: the same images give the same interval.
+    assert scores(20)["accuracy"] == small
+
+
+def test_split_metrics_give_every_figure_an_interval_and_a_count():
+    m = split_metrics(HAND, "val")
+    assert m.estimates["accuracy"].value == pytest.approx(0.75) and m.estimates["accuracy"].n == 4
+    assert m.estimates["macro_f1"].value == pytest.approx(m.macro["f1"])
+    assert m.too_few
+    cat = m.per_class.set_index("class").loc["cat"]
+    assert cat.recall_low <= cat.recall <= cat.recall_high
+    assert (cat.support, cat.predicted) == (2, 1)
+
+
+def test_run_figures_store_each_evaluation_split_with_its_interval():
+    labels = np.array([0, 1] * 20 + [0, 1] * 5)
+    predicted = labels.copy()
+    predicted[:4] = 1 - predicted[:4]
+    splits = np.array(["val"] * 40 + ["test"] * 10, dtype=object)
+    figures = run_figures(labels, predicted, splits, 2)
+    assert figures["val_accuracy"] == pytest.approx(0.9) and figures["test_accuracy"] == 1.0
+    assert figures["val_accuracy_ci_low"] < 0.9 < figures["val_accuracy_ci_high"]
+    assert figures["test_images"] == 10 and "test_macro_f1_ci_low" in figures
+    assert "val_images" in run_figures(labels[:40], predicted[:40], splits[:40], 2)
+    assert "test_accuracy" not in run_figures(labels[:40], predicted[:40], splits[:40], 2)
+
+
+def test_the_headline_is_the_test_figure_and_without_test_images_the_labelled_validation_one():
+    both = predictions([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.9, 0.1]], [0, 1, 1, 0], splits=["val", "val", "test", "test"])
+    top = headline(both)
+    assert (top.split, top.accuracy.value, top.accuracy.n) == ("test", 1.0, 2)
+    assert "no part" in top.note
+    val_only = headline(HAND)
+    assert val_only.split == "val" and "optimistic" in val_only.note
+    assert stored_headline({"val_accuracy": 0.964, "test_accuracy": 0.765, "test_accuracy_ci_low": 0.7,
+                            "test_accuracy_ci_high": 0.83}) == "test accuracy 76.5% (95% CI 70.0%–83.0%)"
+    assert "optimistic" in stored_headline({"val_accuracy": 0.964})
+
+
+def test_split_warnings_name_small_and_missing_evaluation_splits():
+    assert split_warnings({"train": 500, "val": 100, "test": 100}) == []
+    small = split_warnings({"train": 50, "val": 12, "test": 0})
+    assert len(small) == 2
+    assert "Only 12 val images" in small[0] and f"{MIN_IMAGES_TO_JUDGE}" in small[0]
+    assert "No test images" in small[1] and "optimistic" in small[1]
+
+
+def test_loupe_train_prints_and_stores_the_intervals_and_the_test_figures(labelled_workspace, capsys):
+    from core import jobs
+    from core.cli import main
+    from core.workspace import connect
+
+    assert main(["train", "--workspace", str(labelled_workspace.root), "--preset", "quick"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    figures = ["val_accuracy", "val_macro_f1", "val_accuracy_ci_low", "val_accuracy_ci_high",
+               "test_accuracy", "test_macro_f1", "test_accuracy_ci_low", "test_accuracy_ci_high"]
+    assert [name for name in lines if name in figures] == figures
+    for low, value, high in (("val_accuracy_ci_low", "val_accuracy", "val_accuracy_ci_high"),
+                             ("test_accuracy_ci_low", "test_accuracy", "test_accuracy_ci_high")):
+        assert 0.0 <= float(lines[low]) <= float(lines[value]) <= float(lines[high]) <= 1.0
+    stored = jobs.get_run(connect(labelled_workspace), int(lines["run_id"]))["metrics"]
+    assert stored["test_images"] == 2 and stored["val_images"] == 4
+    assert stored["test_accuracy_ci_high"] == pytest.approx(float(lines["test_accuracy_ci_high"]), abs=1e-4)

@@ -5,6 +5,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import catalog
+from core.errors import LoupeError
 from tests.conftest import APP, image_bytes
 
 
@@ -36,7 +37,7 @@ def test_upload_images_and_zip_reports_each_file(home, db):
     uploader.upload("set.zip", archive.getvalue(), "application/zip")
     home.run()
     assert not home.exception
-    assert home.success[0].value == "added: 3, duplicates: 1, rejected: 1"
+    assert home.success[0].value == "added: 3, duplicates: 1, conflicts: 0, rejected: 1, skipped: 0"
     outcomes = report(home)
     assert outcomes[1] == ("a again.png", "duplicate", "duplicate of #1")
     assert outcomes[2][:2] == ("fake.jpg", "rejected") and "not an image" in outcomes[2][2]
@@ -55,11 +56,73 @@ def test_server_folder_import(home, db, tmp_path):
         path.write_bytes(image_bytes((color, 9, 9)))
     home.text_input(key="server_path").input(str(tmp_path / "tree"))
     home.button(key="import_server").click().run()
-    assert home.success[0].value == "added: 3, duplicates: 0, rejected: 0"
+    assert home.success[0].value == "added: 3, duplicates: 0, conflicts: 0, rejected: 0, skipped: 0"
     assert catalog.count_images(db, catalog.ImageFilter(split="val")) == 2
     home.text_input(key="server_path").input(str(tmp_path / "missing")).run()
     home.button(key="import_server").click().run()
     assert "is not a folder" in home.error[0].value
+
+
+def test_a_copy_with_another_label_shows_as_a_conflict_in_the_report(home, db):
+    def zipped(name: str) -> bytes:
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr(name, image_bytes((60, 0, 0)))
+            z.writestr("__MACOSX/._x", b"fork")
+        return archive.getvalue()
+
+    uploader = home.file_uploader(key="upload")
+    uploader.upload("roses.zip", zipped("rose/x.png"), "application/zip")
+    uploader.upload("tulips.zip", zipped("tulip/x.png"), "application/zip")
+    home.run()
+    assert not home.exception
+    assert home.success[0].value == "added: 1, duplicates: 0, conflicts: 1, rejected: 0, skipped: 2"
+    assert "1 copies of images already in the catalog carry another label" in home.warning[0].value
+    assert ("x.png", "conflict", "duplicate of #1, labelled rose; this copy says tulip") in report(home)
+    assert [c["claimed_label"] for c in catalog.open_import_conflicts(db)] == ["tulip"]
+
+
+@pytest.mark.parametrize("typed", ["", "photos/ants"])
+def test_a_disk_import_needs_a_full_path(home, db, typed):
+    home.text_input(key="server_path").input(typed).run()
+    home.button(key="import_server").click().run()
+    assert "full path" in home.error[0].value
+    assert catalog.count_images(db) == 0
+
+
+def test_an_interrupted_disk_import_says_where_it_stopped(home):
+    home.session_state["import_interrupted"] = {"done": 3, "total": 10}
+    home.run()
+    assert any("stopped after 3 of 10 files" in info.value for info in home.info)
+
+
+def test_a_read_only_workspace_says_so_instead_of_offering_imports(home, app_workspace, monkeypatch):
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access",
+        lambda path, mode, *a, **k: not (mode & os.W_OK and str(path) == str(app_workspace.root.resolve()))
+        and real_access(path, mode, *a, **k),
+    )
+    home.run()
+    assert not home.exception
+    assert any("is read-only" in w.value for w in home.warning)
+    assert not [u for u in home.get("file_uploader") if u.key == "upload"]
+
+
+def test_a_full_disk_during_an_upload_is_one_clear_message(home, db, monkeypatch):
+    from core import ingest
+    from core.workspace import DISK_FULL_MESSAGE
+
+    def full(*args, **kwargs):
+        raise LoupeError(DISK_FULL_MESSAGE)
+
+    monkeypatch.setattr(ingest, "ingest_items", full)
+    home.file_uploader(key="upload").upload("a.png", image_bytes((2, 0, 0)), "image/png")
+    home.run()
+    assert not home.exception
+    assert home.error[0].value == DISK_FULL_MESSAGE
 
 
 def test_class_management(home, db):

@@ -1,4 +1,8 @@
+"""The Label page under AppTest (which runs no JavaScript): what it sends the labeller component,
+and what it does with the events the component reports. The browser side is in test_browser_label.py."""
+
 import ast
+import json
 import subprocess
 import sys
 
@@ -6,7 +10,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import catalog, ingest
+from core.errors import LoupeError
+from dashboard.components import class_keys, read_outbox
 from tests.conftest import APP, ROOT, image_bytes
+
+CLIENT = "0123456789abcdef"
 
 
 def seed(ws, db, count: int, start: int = 0) -> list[int]:
@@ -29,111 +37,195 @@ def label_page(app_workspace, db):
     return at, ids
 
 
-def checkbox_labels(at) -> list[str]:
-    return [c.label for c in at.checkbox]
+def component_data(at) -> dict:
+    [component] = at.get("bidi_component")
+    return json.loads(component.proto.json)
 
 
-def test_grid_select_and_label_in_one_action(label_page, db):
-    at, ids = label_page
-    assert checkbox_labels(at) == [f"#{i} · unlabelled" for i in ids]
-    assert len(at.image) == 5
-    at.checkbox(key=f"select_{ids[0]}").check().run()
-    at.checkbox(key=f"select_{ids[2]}").check().run()
-    at.selectbox(key="grid_target").select("bees")
-    at.button(key="label_selected").click().run()
+def report(at, key: str, events: list[dict], current: int | None = None):
+    """What the component does in the browser: report its unacknowledged events and the image on screen."""
+    at.session_state[key] = {"outbox": {"events": events, "current": current, "attempt": 1}}
+    return at.run()
+
+
+def label_event(n: int, image_ids: list[int], class_name: str) -> dict:
+    return {"id": f"{CLIENT}-{n}", "kind": "label", "image_ids": image_ids, "class_name": class_name}
+
+
+def focus(at):
+    at.radio(key="label_mode").set_value("Focus").run()
     assert not at.exception
-    assert at.success[0].value == "Labelled 2 of 2 selected images as bees."
-    assert [catalog.get_image(db, i)["label"] for i in ids] == ["bees", None, "bees", None, None]
+    return component_data(at)
+
+
+def test_focus_mode_sends_a_window_of_unlabelled_images_with_their_keys(label_page, db):
+    at, ids = label_page
+    catalog.set_label(db, ids[1], "ants", "ana")
+    data = focus(at)
+    assert data["mode"] == "focus"
+    assert [item["id"] for item in data["window"]] == [ids[0], ids[2], ids[3], ids[4]]
+    assert all(item["src"].startswith("data:image/jpeg;base64,") for item in data["window"])
+    assert data["classes"] == [{"name": "ants", "key": "1"}, {"name": "bees", "key": "2"}]
+    assert data["remaining"] == 4 and data["acked"] == []
+
+
+def test_reported_events_are_applied_once_and_acknowledged(label_page, db):
+    at, ids = label_page
+    focus(at)
+    events = [label_event(1, [ids[0]], "bees"), label_event(2, [ids[1]], "ants")]
+    report(at, "focus_labeller", events, current=ids[2])
+    data = component_data(at)
+    assert data["acked"] == [f"{CLIENT}-1", f"{CLIENT}-2"]
+    assert data["window"][0]["id"] == ids[2]  # the window starts at the image on screen
+    assert data["remaining"] == 3
+    # Delivered again (a resend, a reconnect): nothing changes twice.
+    report(at, "focus_labeller", events + [label_event(3, [ids[2]], "bees")], current=ids[3])
+    assert component_data(at)["acked"] == [f"{CLIENT}-{n}" for n in (1, 2, 3)]
+    assert [catalog.get_image(db, i)["label"] for i in ids[:3]] == ["bees", "ants", "bees"]
+    assert db.execute("SELECT count(*) FROM label_events").fetchone()[0] == 3
     assert catalog.get_image(db, ids[0])["labelled_by"] == "ana"
-    assert not any(c.value for c in at.checkbox)  # selection cleared after labelling
 
 
-def test_grid_filters_select_all_matching_and_pages(label_page, db, app_workspace):
+def test_an_undo_event_jumps_back_to_the_image_it_unlabelled(label_page, db):
     at, ids = label_page
-    catalog.set_label(db, ids[0], "ants", "ana")
-    at.selectbox(key="grid_class").select("Unlabelled").run()
-    assert checkbox_labels(at) == [f"#{i} · unlabelled" for i in ids[1:]]
-    at.text_input(key="grid_name").input("photo_004").run()
-    assert checkbox_labels(at) == [f"#{ids[4]} · unlabelled"]
-    at.text_input(key="grid_name").input("").run()
-    at.button(key="select_all").click().run()
-    at.selectbox(key="grid_target").select("ants")
-    at.button(key="label_selected").click().run()
-    assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 5
-    assert checkbox_labels(at) == []  # nothing unlabelled is left
-
-    more = seed(app_workspace, db, 30, start=5)
-    at.selectbox(key="grid_class").select("Any")
-    at.selectbox(key="grid_page_size").select(24).run()
-    assert len(at.checkbox) == 24
-    at.get("pagination")[0].select(2).run()
-    assert checkbox_labels(at)[0] == f"#{more[19]} · unlabelled" and len(at.checkbox) == 11
-    at.button(key="select_page").click().run()
-    assert all(c.value for c in at.checkbox)
-
-
-def test_focus_mode_labels_by_keyboard_and_moves_on(label_page, db):
-    at, ids = label_page
-    at.radio(key="label_mode").set_value("Focus").run()
-    assert at.markdown[0].value.startswith(f"**#{ids[0]}**")
-    assert at.button(key="assign_1").proto.shortcut == "1" and at.button(key="assign_2").proto.shortcut == "2"
-    assert at.button(key="undo").proto.shortcut.lower() == "u"
-    at.button(key="assign_2").click().run()  # key 2 = bees, the second class
-    assert catalog.get_image(db, ids[0])["label"] == "bees"
-    assert at.markdown[0].value.startswith(f"**#{ids[1]}**")  # the next unlabelled image, at once
-    at.button(key="assign_1").click().run()
-    assert catalog.get_image(db, ids[1])["label"] == "ants"
-    assert catalog.get_image(db, ids[1])["labelled_by"] == "ana"
-    at.button(key="previous").click().run()
-    assert at.markdown[0].value.startswith(f"**#{ids[1]}**")
-    history = at.dataframe[0].value
-    assert list(history["new_label"]) == ["ants"] and list(history["who"]) == ["ana"]
-    at.button(key="next").click().run()
-    assert at.markdown[0].value.startswith(f"**#{ids[2]}**")
-
-
-def test_focus_mode_undo_goes_back_to_the_image(label_page, db):
-    at, ids = label_page
-    at.radio(key="label_mode").set_value("Focus").run()
-    at.button(key="assign_1").click().run()
-    at.button(key="assign_1").click().run()
-    at.button(key="undo").click().run()
-    assert catalog.get_image(db, ids[1])["label"] is None
-    assert at.markdown[0].value.startswith(f"**#{ids[1]}**")
-    at.button(key="undo").click().run()
+    focus(at)
+    report(at, "focus_labeller", [label_event(1, [ids[0]], "bees")], current=ids[1])
+    report(at, "focus_labeller", [{"id": f"{CLIENT}-2", "kind": "undo"}], current=ids[1])
+    data = component_data(at)
     assert catalog.get_image(db, ids[0])["label"] is None
-    at.button(key="undo").click().run()
+    assert data["show"] == {"token": f"{CLIENT}-2", "id": ids[0]} and data["window"][0]["id"] == ids[0]
+    report(at, "focus_labeller", [{"id": f"{CLIENT}-3", "kind": "undo"}], current=ids[0])
     assert at.success[0].value == "Nothing of yours to undo."
 
 
-def test_focus_mode_new_class_and_missing_choice(label_page, db):
+def test_a_refused_event_is_acknowledged_and_its_reason_shown(label_page, db):
     at, ids = label_page
-    at.radio(key="label_mode").set_value("Focus").run()
-    at.button(key="assign_other").click().run()
-    assert "Choose a class" in at.error[0].value
-    assert catalog.get_image(db, ids[0])["label"] is None
-    at.text_input(key="focus_new_class").input("wasps").run()
-    at.button(key="assign_other").click().run()
-    assert catalog.get_image(db, ids[0])["label"] == "wasps"
-    assert at.button(key="assign_3").label == "3 · wasps"
+    focus(at)
+    report(at, "focus_labeller", [label_event(1, [9999], "bees")], current=ids[0])
+    assert "no image #9999" in at.error[0].value
+    assert component_data(at)["acked"] == [f"{CLIENT}-1"]
 
 
-def test_focus_mode_unsure_first_order_and_suggestion_accepted_with_one_key(label_page, db, make_run):
+def test_the_model_suggestion_and_unsure_first_order_reach_the_browser(label_page, db, make_run):
     at, ids = label_page
-    # The current model is sure about the first image (bees) and unsure about the fourth.
     make_run({ids[0]: [0.1, 0.9], ids[1]: [0.8, 0.2], ids[3]: [0.55, 0.45]})
-    at.radio(key="label_mode").set_value("Focus").run()
+    focus(at)
     at.selectbox(key="focus_order").set_value("Model is unsure first").run()
-    accept = at.button(key="accept_suggestion")
-    assert accept.proto.shortcut.lower() == "enter" and "bees (90%)" in accept.label
-    assert at.button(key="assign_2").proto.type == "primary"  # bees, pre-selected
-    accept.click().run()
-    assert catalog.get_image(db, ids[0])["label"] == "bees"
-    # Next comes the image the model is least sure about, then the next least sure.
-    assert at.markdown[0].value.startswith(f"**#{ids[3]}**")
-    assert "ants (55%)" in at.button(key="accept_suggestion").label
-    at.button(key="next_unlabelled").click().run()
-    assert at.markdown[0].value.startswith(f"**#{ids[1]}**")
+    data = component_data(at)
+    # The least sure first, then the next least sure, then those the model has not seen.
+    assert [item["id"] for item in data["window"]] == [ids[3], ids[1], ids[0], ids[2], ids[4]]
+    assert data["show"]["id"] == ids[3]
+    assert (data["window"][0]["suggestion"], data["window"][0]["confidence"]) == ("ants", "55%")
+
+
+def test_grid_sends_the_filtered_page_and_applies_a_label_for_the_selection(label_page, db):
+    at, ids = label_page
+    at.radio(key="label_mode").set_value("Grid").run()
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == ids
+    at.text_input(key="grid_name").input("photo_004").run()
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[4]]
+    at.text_input(key="grid_name").input("").run()
+    report(at, "grid_labeller", [label_event(1, [ids[0], ids[2]], "bees")])
+    assert [catalog.get_image(db, i)["label"] for i in ids] == ["bees", None, "bees", None, None]
+    at.selectbox(key="grid_class").select("Unlabelled").run()
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[1], ids[3], ids[4]]
+
+
+def test_grid_filters_by_predicted_class_and_confidence(label_page, db, make_run):
+    at, ids = label_page
+    make_run({ids[0]: [0.1, 0.9], ids[1]: [0.8, 0.2], ids[3]: [0.55, 0.45]})
+    at.radio(key="label_mode").set_value("Grid").run()
+    at.selectbox(key="grid_predicted").select("ants").run()
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[1], ids[3]]
+    at.slider(key="grid_confidence").set_value((0.5, 0.6)).run()
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[3]]
+
+
+def test_a_typed_class_name_matches_an_existing_class_whatever_its_case(label_page, db):
+    at, _ = label_page
+    at.text_input(key="label_new_class").input("Bees ").run()
+    at.button(key="label_add_class").click().run()
+    assert at.success[0].value == "'Bees' is the existing class 'bees'."
+    assert catalog.class_names(db) == ["ants", "bees"]
+    at.text_input(key="label_new_class").input(" wasps").run()
+    at.button(key="label_add_class").click().run()
+    assert catalog.class_names(db) == ["ants", "bees", "wasps"]
+
+
+def test_rename_merge_and_archive_ask_for_confirmation_and_can_be_undone(label_page, db):
+    at, ids = label_page
+    catalog.set_labels(db, ids[:2], "ants", "ana")
+    at.selectbox(key="class_source").select("ants").run()
+    at.text_input(key="class_target").input("Bees").run()
+    at.button(key="ask_merge").click().run()
+    assert "Move every label of 'ants'" in at.warning[0].value
+    assert catalog.get_image(db, ids[0])["label"] == "ants"  # nothing happens before the confirmation
+    at.button(key="confirm_class_change").click().run()
+    assert [catalog.get_image(db, i)["label"] for i in ids[:2]] == ["bees", "bees"]
+    assert catalog.class_names(db) == ["bees"]
+    at.button(key="undo_class_change").click().run()
+    assert at.success[0].value == "Moved 2 labels back to 'ants'."
+    assert [catalog.get_image(db, i)["label"] for i in ids[:2]] == ["ants", "ants"]
+    assert catalog.class_names(db) == ["ants", "bees"]
+
+    at.selectbox(key="class_source").select("bees").run()
+    at.button(key="ask_archive").click().run()
+    at.button(key="cancel_class_change").click().run()
+    assert catalog.class_names(db) == ["ants", "bees"]
+    at.text_input(key="class_target").input("hornets").run()
+    at.button(key="ask_rename").click().run()
+    at.button(key="confirm_class_change").click().run()
+    assert catalog.class_names(db) == ["ants", "hornets"]
+    at.button(key="undo_class_change").click().run()
+    assert catalog.class_names(db) == ["ants", "bees"]
+
+
+def test_label_events_are_applied_once_per_id_even_when_refused(db, workspace):
+    [image] = seed(workspace, db, 1)
+    first = catalog.apply_label_event(db, "a-1", [image], "ants", who="ana")
+    again = catalog.apply_label_event(db, "a-1", [image], "bees", who="ana")
+    assert (first["fresh"], again["fresh"]) == (True, False)
+    assert catalog.get_image(db, image)["label"] == "ants"
+    refused = catalog.apply_label_event(db, "a-2", [image, 12345], "bees", who="ana")
+    assert "no image #12345" in refused["error"]
+    assert catalog.get_image(db, image)["label"] == "ants"  # a refused event changes no label at all
+    assert not catalog.apply_label_event(db, "a-2", [image], "bees", who="ana")["fresh"]
+    assert catalog.apply_undo_event(db, "a-3", who="ana")["image_id"] == image
+    assert catalog.apply_undo_event(db, "a-3", who="ana")["image_id"] == image
+    assert catalog.get_image(db, image)["label"] is None
+
+
+def test_the_browser_outbox_is_checked_before_it_is_trusted():
+    good = {"id": f"{CLIENT}-7", "kind": "label", "image_ids": [3], "class_name": "ants"}
+    hostile = [
+        "not an event", {**good, "id": "../../etc"}, {**good, "image_ids": "3"}, {**good, "image_ids": [True]},
+        {**good, "image_ids": []}, {**good, "class_name": None}, {**good, "class_name": "x" * 500},
+        {**good, "kind": "drop table"},
+    ]
+    outbox = read_outbox({"events": hostile + [good, {"id": f"{CLIENT}-8", "kind": "undo"}], "current": "7"})
+    assert [(e.event_id, e.kind) for e in outbox.events] == [(f"{CLIENT}-7", "label"), (f"{CLIENT}-8", "undo")]
+    assert outbox.current is None
+    assert read_outbox(None).events == () and read_outbox({"events": {"a": 1}}).events == ()
+
+
+def test_classes_get_digits_then_letters_that_leave_undo_and_find_similar_free():
+    keys = [c["key"] for c in class_keys([f"class {n}" for n in range(40)])]
+    assert keys[:10] == list("123456789") + ["a"]
+    assert "u" not in keys and "f" not in keys and keys[-1] is None
+
+
+def test_a_catalog_class_name_is_matched_whatever_its_case(db):
+    catalog.add_class(db, "bees")
+    assert catalog.matching_class_name(db, "  BEES ") == "bees"
+    assert catalog.add_class(db, "Bees") == catalog.add_class(db, "bees")
+    assert catalog.matching_class_name(db, "wasps") is None
+    catalog.rename_class(db, "bees", "Bees")  # a change of case is a rename, not a clash
+    assert catalog.class_names(db) == ["Bees"]
+    change = catalog.last_class_change(db)
+    assert change["details"] == {"old": "bees", "new": "Bees"}
+    catalog.undo_class_change(db, change["id"], who="ana")
+    with pytest.raises(LoupeError, match="already undone"):
+        catalog.undo_class_change(db, change["id"], who="ana")
 
 
 def test_the_label_page_loads_without_torch_or_scikit_learn():
@@ -148,4 +240,4 @@ def test_the_label_page_loads_without_torch_or_scikit_learn():
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     loaded = set(ast.literal_eval(result.stdout.strip()))
-    assert "core.catalog" in loaded and not loaded & {"torch", "sklearn", "timm", "cleanlab"}
+    assert "core.catalog" in loaded and not loaded & {"torch", "sklearn", "timm", "cleanlab", "umap"}

@@ -4,6 +4,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
+from core.config import ALLOWED_VALUES, PRESETS
 from core.jobs import RunStatus
 from tests.conftest import APP, add_labelled_images
 
@@ -48,6 +49,8 @@ def test_train_page_starts_a_run_with_the_chosen_settings_and_lists_it(labelled_
     table = history_table(at)
     assert table.loc[0, "status"] == RunStatus.SUCCEEDED, jobs.get_run(db, 1)["error"]
     assert table.loc[0, "current"]
+    # The run's own choices, from its resolved config: these small photos train at the backbone's size.
+    assert (table.loc[0, "input size"], table.loc[0, "device"]) == (224, jobs.run_config(jobs.get_run(db, 1)).device)
     assert any("succeeded" in message.value for message in at.success)
 
 
@@ -59,3 +62,14 @@ def test_train_page_shows_why_it_refuses_to_train(workspace, db, open_train_page
     assert not at.exception
     assert at.error and "at least 2 classes" in at.error[0].value
     assert jobs.list_runs(db) == []
+
+
+def test_train_page_offers_the_presets_and_the_allowed_values_of_core_config(workspace, db, open_train_page):
+    at = open_train_page()
+
+    assert at.radio(key="preset").options == [name.capitalize() for name in PRESETS]
+    for name, allowed in ALLOWED_VALUES.items():
+        assert at.selectbox(key=f"config_quick_{name}").options == list(allowed)
+    # Asking for a GPU is a setting like any other: whether this machine has one is the run's to find out.
+    at.selectbox(key="config_quick_device").set_value("cuda").run()
+    assert not at.exception and not at.error

@@ -8,20 +8,17 @@ from core.checkpoints import build_classifier
 from core.embeddings import EmbeddingCache, cache_key
 from core.images import open_image_rgb
 from core.ingest import ingest_bytes
+from core.config import PRESETS, ResolvedConfig, TrainConfig
 from core.errors import LoupeError
+from core.selection import TrainDataset, TrainItem, check_trainable, dataset_from_catalog
 from core.training import (
-    PRESETS,
     EpochMetrics,
     Progress,
-    TrainConfig,
-    TrainDataset,
     TrainingCancelled,
-    TrainItem,
-    check_trainable,
     choose_image_size,
     class_weights,
-    dataset_from_catalog,
     loss_function,
+    resolve,
     train,
     trainable_parts,
 )
@@ -68,18 +65,6 @@ def trainable(tmp_path_factory):
 
 def quick(**changes) -> TrainConfig:
     return TrainConfig.from_dict({**PRESETS["quick"].to_dict(), "epochs": 10, "batch_size": 4, **changes})
-
-
-def test_config_round_trips_and_rejects_unknown_or_bad_settings():
-    config = TrainConfig(strategy="finetune", epochs=3, label_smoothing=0.0)
-    assert TrainConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(LoupeError, match="learning_rate"):
-        TrainConfig.from_dict({"learning_rate": 0.1})
-    with pytest.raises(LoupeError, match="strategy"):
-        TrainConfig.from_dict({"strategy": "magic"})
-    with pytest.raises(LoupeError, match="epochs"):
-        TrainConfig.from_dict({"epochs": 0})
-    assert PRESETS["quick"].strategy == "head" and PRESETS["thorough"].strategy == "two_stage"
 
 
 def test_dataset_from_catalog_leaves_out_excluded_and_archived(trainable):
@@ -135,6 +120,23 @@ def test_check_trainable_names_the_problem_and_the_fix():
     check_trainable(TrainDataset(["cat", "dog"], items))
 
 
+def test_resolve_makes_every_choice_once_and_refuses_a_device_this_machine_lacks(trainable, monkeypatch):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    resolved = resolve(quick(), dataset)
+
+    assert isinstance(resolved, ResolvedConfig)
+    assert (resolved.image_size, resolved.device) == (get_spec(resolved.backbone).preprocessing.input_size, "cpu")
+    assert {**resolved.to_dict(), "image_size": 0, "device": "auto"} == quick().to_dict()
+    assert resolve(resolved, dataset) == resolved
+    asks_for_a_gpu = quick(device="cuda")  # a config that can work somewhere: checking it asks for no GPU
+    with pytest.raises(LoupeError, match="no CUDA GPU.*auto or cpu"):
+        resolve(asks_for_a_gpu, dataset)
+
+
 def test_class_weights_schemes():
     counts = [100, 10, 0]
     assert class_weights(counts, "none") == [1.0, 1.0, 0.0]
@@ -169,6 +171,7 @@ def test_head_training_gives_a_full_network_that_agrees_with_the_head(trainable)
     assert set(result.probabilities) == {item.image_id for item in dataset.items}
     assert result.metrics["val_accuracy"] == 1.0 and result.metrics["val_macro_f1"] == 1.0
     assert 1 <= result.best_epoch <= 10
+    assert result.config == resolve(quick(), dataset)
 
     # The saved network, run on the images themselves, gives the head's probabilities.
     trained = result.model

@@ -11,8 +11,8 @@ from tests.conftest import TWO_CLASSES, add_labelled_images, stop_workers
 from core import catalog, jobs
 from core.backbones import get_spec
 from core.checkpoints import load_run_model, run_checkpoint_path
+from core.config import PRESETS
 from core.jobs import RunStatus
-from core.training import PRESETS
 from core.workspace import connect, open_workspace
 
 # A head trained for a million epochs, never stopping early: it reports progress within seconds
@@ -75,8 +75,12 @@ def test_a_run_goes_from_queued_through_running_to_succeeded(trained):
     assert run["started_at"] and run["finished_at"] and run["heartbeat_at"]
     assert 0.0 <= run["metrics"]["val_accuracy"] <= 1.0
     assert 0.0 <= run["metrics"]["val_macro_f1"] <= 1.0
-    # The stored config says what the run chose: these small images stay at the backbone's own size.
-    assert run["config"]["image_size"] == get_spec(run["config"]["backbone"]).preprocessing.input_size
+    # The resolved config says what the run chose: these small images stay at the backbone's own size,
+    # on this machine's CPU; the config asked for is kept as it was.
+    config = jobs.run_config(run)
+    assert config.image_size == get_spec(config.backbone).preprocessing.input_size
+    assert config.device != "auto" and run["resolved_config"]["device"] == config.device
+    assert run["config"] == QUICK_ONE_EPOCH.to_dict()
     wait_for(lambda: not jobs.worker_alive(run["pid"]), timeout=10)
 
 
@@ -161,3 +165,19 @@ def test_the_worker_records_a_failure_with_its_reason(workspace, db):
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.FAILED and run["error"]
     assert jobs.current_run(db) is None
+
+
+def test_a_run_asking_for_a_gpu_the_machine_lacks_fails_when_it_starts_saying_so(workspace, db, monkeypatch):
+    import torch
+
+    from core.worker import run_worker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
+    # Queued without complaint: the config is checked for what can work anywhere, not on this machine.
+    run_id = jobs.create_run(workspace, db, dataclasses.replace(QUICK_ONE_EPOCH, device="cuda"))
+
+    assert run_worker(workspace, run_id) == RunStatus.FAILED
+    run = jobs.get_run(db, run_id)
+    assert "no CUDA GPU" in run["error"] and "Traceback" not in run["error"]
+    assert run["progress"] is None  # nothing was embedded or trained first

@@ -1,0 +1,311 @@
+"""Accuracy on cached features: few labels, calibrated confidence, active learning, Quick on magtile6.
+
+    python bench/accuracy.py [--cache /tmp/loupe-accuracy] [--datasets ../shared/datasets]
+
+Each dataset is imported once into a workspace under --cache and embedded once (its embedding
+cache is the workspace's), so a rerun with the same --cache only computes.
+Prints `name: value` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, recall_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import ingest  # noqa: E402
+from core.backbones import DEFAULT_BACKBONE, get_spec  # noqa: E402
+from core.calibration import (  # noqa: E402
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    logits_from_probabilities,
+)
+from core.embeddings import EmbeddingCache, embed_images  # noqa: E402
+from core.fewshot import FEW_LABEL_METHODS, FewLabelClassifier, uncertain_diverse_batch  # noqa: E402
+from core.training import PRESETS, TrainConfig, TrainDataset, dataset_from_catalog, train  # noqa: E402
+from core.workspace import Workspace, connect, open_workspace  # noqa: E402
+
+EMBED_THREADS = 2
+FEW_LABEL_SEEDS = (0, 1, 2)
+FEW_LABEL_COUNTS = (1, 5, 20)
+RULE_LABEL_COUNTS = (1, 5, 20, 50, 100)
+HELD_OUT = 1000
+# Active learning as bench/review.py measures it (4 labels a class, 16 more a round, 10 rounds,
+# a logistic regression on standardised embeddings), over 5 seeds; magtile6 holds out a third.
+AL_SEEDS = (0, 1, 2, 3, 4)
+AL_START_PER_CLASS = 4
+AL_STEP = 16
+AL_ROUNDS = 10
+AL_HELD_OUT = {"natural8": 1000, "magtile6": 448}
+MAGTILE6_RARE_CLASS = "fray"
+CALIBRATION_FOLDS = 5
+# Quick with the class weighting and smoothing measured best on magtile6 (see quick_figures).
+PROPOSED_QUICK = dataclasses.replace(PRESETS["quick"], class_weighting="inverse_sqrt", label_smoothing=0.0)
+
+
+def say(name: str, value: float | int | str) -> None:
+    print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
+
+
+def imported(ws: Workspace, folder: Path) -> list[dict]:
+    """The dataset's images in the workspace (imported once), with label and split, by image id."""
+    db = connect(ws)
+    if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
+        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), who="bench")
+    return list(
+        db.query(
+            "SELECT images.id, images.sha256, images.path, classes.name AS label, splits.split FROM images "
+            "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
+            "LEFT JOIN splits ON splits.image_id = images.id ORDER BY images.id"
+        )
+    )
+
+
+def embeddings(ws: Workspace, rows: list[dict], image_size: int) -> np.ndarray:
+    """The default backbone's features at `image_size` pixels, from the workspace's cache."""
+    items = [SimpleNamespace(sha256=r["sha256"], path=ws.root / r["path"]) for r in rows]
+    pre = get_spec(DEFAULT_BACKBONE).preprocessing_for(image_size)
+    return embed_images(EmbeddingCache(connect(ws)), DEFAULT_BACKBONE, items, preprocessing=pre)
+
+
+def as_indices(labels: list[str]) -> tuple[np.ndarray, list[str]]:
+    classes = sorted(set(labels))
+    return np.array([classes.index(label) for label in labels]), classes
+
+
+# ---------------------------------------------------------------- data
+
+
+class Dataset:
+    """One shared dataset's labelled images, their features at a size, and Loupe's split of them."""
+
+    def __init__(self, cache: Path, datasets: Path, name: str, image_size: int = 224):
+        self.name = name
+        self.ws = open_workspace(cache / name)
+        self.rows = imported(self.ws, datasets / name)
+        self.features = embeddings(self.ws, self.rows, image_size).astype(np.float64)
+        self.labels, self.classes = as_indices([r["label"] for r in self.rows])
+        self.splits = np.array([r["split"] or "train" for r in self.rows])
+
+
+def held_out_draw(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labelled, unlabelled, held-out) indices: HELD_OUT images for testing, `per_class` labelled
+    images of each class from the rest, and the rest of the rest unlabelled."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    held_out, pool = order[:HELD_OUT], order[HELD_OUT:]
+    labelled = np.concatenate([rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in np.unique(labels)])
+    return labelled, np.setdiff1d(pool, labelled), held_out
+
+
+def labelled_only_head(x_train: np.ndarray, y_train: np.ndarray) -> object:
+    """The reference linear probe: scikit-learn's logistic regression on standardised features."""
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
+
+
+# ---------------------------------------------------------------- 1. few labels
+
+
+def few_labels(data: Dataset) -> None:
+    x, y = data.features, data.labels
+    for k in FEW_LABEL_COUNTS:
+        ours, head, methods = [], [], set()
+        for seed in FEW_LABEL_SEEDS:
+            labelled, unlabelled, held_out = held_out_draw(y, k, seed)
+            model = FewLabelClassifier(seed=seed).fit(x[labelled], y[labelled], x[unlabelled])
+            methods.add(model.method_)
+            ours.append(np.mean(model.predict(x[held_out]) == y[held_out]))
+            head.append(np.mean(labelled_only_head(x[labelled], y[labelled]).predict(x[held_out]) == y[held_out]))
+        say(f"{data.name}_k{k}_accuracy", float(np.mean(ours)))
+        say(f"{data.name}_k{k}_head_accuracy", float(np.mean(head)))
+        say(f"{data.name}_k{k}_method", "/".join(sorted(methods)))
+
+
+def method_rule(data: Dataset) -> None:
+    """Each few-label method forced, by labels a class: the measurement behind `choose_method`."""
+    x, y = data.features, data.labels
+    for k in RULE_LABEL_COUNTS:
+        for method in FEW_LABEL_METHODS:
+            accuracy = []
+            for seed in FEW_LABEL_SEEDS:
+                labelled, unlabelled, held_out = held_out_draw(y, k, seed)
+                model = FewLabelClassifier(method, seed=seed).fit(x[labelled], y[labelled], x[unlabelled])
+                accuracy.append(np.mean(model.predict(x[held_out]) == y[held_out]))
+            say(f"{data.name}_k{k}_{method}_accuracy", float(np.mean(accuracy)))
+
+
+# ---------------------------------------------------------------- 2 and 4. Quick, calibrated
+
+
+class Silent:
+    def progress(self, p: object) -> None:
+        pass
+
+    def epoch(self, m: object) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def quick_run(
+    data: Dataset, config: TrainConfig, dataset: TrainDataset | None = None
+) -> tuple[dict, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A Quick run (on Loupe's own split unless `dataset` says otherwise): its metrics, and
+    (probabilities, labels) on val and on test, columns in the dataset's class order."""
+    db = connect(data.ws)
+    dataset = dataset or dataset_from_catalog(data.ws, db)
+    result = train(config, dataset, Silent(), EmbeddingCache(db))
+    by_split = {
+        split: (
+            np.array([result.probabilities[item.image_id] for item in dataset.split(split)]),
+            np.array([item.label for item in dataset.split(split)]),
+        )
+        for split in ("val", "test")
+    }
+    return result.metrics, by_split["val"], by_split["test"]
+
+
+def calibration(data: Dataset, config: TrainConfig, prefix: str) -> None:
+    """ECE of Quick's probabilities on images it never saw, before and after temperature scaling.
+
+    Loupe's own test split of magtile6 holds about 200 images, too few for a 15-bin ECE (sampling
+    alone moves it by a few points), so every image is held out once: five runs, each testing on
+    one fifth, fitting its temperature on the next fifth and training on the other three.
+    """
+    dataset = dataset_from_catalog(data.ws, connect(data.ws))
+    labelled = [item for item in dataset.items if item.label is not None]
+    fold_of = np.empty(len(labelled), dtype=int)
+    splitter = StratifiedKFold(CALIBRATION_FOLDS, shuffle=True, random_state=0)
+    for fold, (_, part) in enumerate(splitter.split(np.zeros(len(labelled)), [item.label for item in labelled])):
+        fold_of[part] = fold
+    raw, calibrated, labels, temperatures = [], [], [], []
+    for fold in range(CALIBRATION_FOLDS):
+        role = {fold: "test", (fold + 1) % CALIBRATION_FOLDS: "val"}
+        items = [dataclasses.replace(item, split=role.get(f, "train")) for item, f in zip(labelled, fold_of)]
+        _, (val_probs, val_labels), (test_probs, test_labels) = quick_run(
+            data, config, TrainDataset(dataset.classes, items)
+        )
+        temperatures.append(fit_temperature(logits_from_probabilities(val_probs), val_labels))
+        raw.append(test_probs)
+        calibrated.append(apply_temperature(logits_from_probabilities(test_probs), temperatures[-1]))
+        labels.append(test_labels)
+    labels = np.concatenate(labels)
+    say(f"{prefix}_temperature", float(np.mean(temperatures)))
+    say(f"{prefix}_ece_before", expected_calibration_error(np.concatenate(raw), labels))
+    say(f"{prefix}_ece_after", expected_calibration_error(np.concatenate(calibrated), labels))
+
+
+def quick_figures(data: Dataset, quick: tuple[dict, tuple, tuple], prefix: str) -> None:
+    metrics, _, (test_probs, test_labels) = quick
+    rare = data.classes.index(MAGTILE6_RARE_CLASS)
+    predicted = test_probs.argmax(axis=1)
+    say(f"{prefix}_macro_f1", metrics["test_macro_f1"])
+    say(f"{prefix}_accuracy", metrics["test_accuracy"])
+    say(f"{prefix}_seconds", metrics["seconds"])
+    say(f"{prefix}_rare_recall", float(recall_score(test_labels, predicted, labels=[rare], average="macro")))
+
+
+def linear_probe(data: Dataset) -> None:
+    """The reference on the same split: a logistic regression on standardised train features."""
+    train_rows, test_rows = data.splits == "train", data.splits == "test"
+    model = labelled_only_head(data.features[train_rows], data.labels[train_rows])
+    predicted = model.predict(data.features[test_rows])
+    say(f"{data.name}_linear_probe_macro_f1", float(f1_score(data.labels[test_rows], predicted, average="macro")))
+
+
+# ---------------------------------------------------------------- 3. active learning
+
+
+def learning_curve(data: Dataset, strategy: str, seed: int) -> list[float]:
+    x, y = data.features, data.labels
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    held_out, pool = order[: AL_HELD_OUT[data.name]], order[AL_HELD_OUT[data.name] :]
+    labelled = np.concatenate([rng.choice(pool[y[pool] == c], AL_START_PER_CLASS, replace=False) for c in np.unique(y)])
+    accuracies = []
+    for round_number in range(AL_ROUNDS + 1):
+        rest = np.setdiff1d(pool, labelled)
+        model = labelled_only_head(x[labelled], y[labelled])
+        accuracies.append(float(np.mean(model.predict(x[held_out]) == y[held_out])))
+        if round_number == AL_ROUNDS:
+            break
+        if strategy == "random":
+            picked = rng.choice(rest, AL_STEP, replace=False)
+        else:
+            probs = np.zeros((len(rest), len(data.classes)))
+            probs[:, model.classes_] = model.predict_proba(x[rest])
+            picked = rest[uncertain_diverse_batch(probs, x[rest], AL_STEP, seed=seed)]
+        labelled = np.concatenate([labelled, picked])
+    return accuracies
+
+
+def labels_to_reach(curve: np.ndarray, counts: np.ndarray, target: float) -> float:
+    """Labels where the curve first reaches `target`, interpolated between rounds (as bench/review.py)."""
+    for i, accuracy in enumerate(curve):
+        if accuracy >= target:
+            if i == 0:
+                return float(counts[0])
+            before = curve[i - 1]
+            return float(counts[i - 1] + (target - before) / (accuracy - before) * (counts[i] - counts[i - 1]))
+    return float(counts[-1])
+
+
+def active_learning(data: Dataset) -> None:
+    counts = np.array([AL_START_PER_CLASS * len(data.classes) + AL_STEP * r for r in range(AL_ROUNDS + 1)])
+    curves = {
+        strategy: np.mean([learning_curve(data, strategy, seed) for seed in AL_SEEDS], axis=0)
+        for strategy in ("random", "uncertain_diverse")
+    }
+    target = curves["random"][-1]
+    say(f"{data.name}_al_random_final_acc", float(target))
+    say(f"{data.name}_al_uncertain_diverse_final_acc", float(curves["uncertain_diverse"][-1]))
+    say(f"{data.name}_al_label_saving", 1.0 - labels_to_reach(curves["uncertain_diverse"], counts, target) / counts[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default="/tmp/loupe-accuracy", help="a folder for the workspaces and their embeddings")
+    parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser.add_argument("--only", choices=("fewshot", "rule", "quick", "al"), help="run one section alone")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(EMBED_THREADS)
+    datasets, cache = Path(args.datasets), Path(args.cache)
+    natural8 = Dataset(cache, datasets, "natural8")
+    magtile6 = Dataset(cache, datasets, "magtile6")
+    # Many small fits: one thread each is faster than OpenMP/BLAS teams on a shared machine.
+    with threadpool_limits(1):
+        if args.only in (None, "fewshot"):
+            few_labels(natural8)
+        if args.only == "rule":
+            method_rule(natural8)
+        if args.only in (None, "quick"):
+            for data in (natural8, magtile6):
+                calibration(data, PRESETS["quick"], data.name)
+                calibration(data, PROPOSED_QUICK, f"{data.name}_proposed")
+            quick_figures(magtile6, quick_run(magtile6, PRESETS["quick"]), "magtile6_quick")
+            quick_figures(magtile6, quick_run(magtile6, PROPOSED_QUICK), "magtile6_proposed_quick")
+            linear_probe(magtile6)
+        if args.only in (None, "al"):
+            active_learning(natural8)
+            active_learning(magtile6)
+
+
+if __name__ == "__main__":
+    main()

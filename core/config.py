@@ -1,0 +1,129 @@
+"""Every training knob in one `TrainConfig`, its allowed values, the presets, and a run's resolved config.
+
+Pages, the `loupe` command, the worker and training all read their choices from here, and
+nothing here imports PyTorch: a config is read, checked and shown on machines that will never
+train (a run trained on a GPU opens for review on a laptop). Whether the machine can train as
+asked (a CUDA device present, say) is checked when a run starts, by `core.training.resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from core.errors import LoupeError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+STRATEGIES = ("head", "finetune", "two_stage")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "plateau")
+CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
+AUGMENTATIONS = ("none", "light", "strong")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# The devices a resolved config can name: "auto" is decided when a run starts.
+RESOLVED_DEVICES = DEVICES[1:]
+# The settings whose value is one of a fixed list, by field name.
+ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
+    "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+    "class_weighting": CLASS_WEIGHTINGS, "augmentation": AUGMENTATIONS, "device": DEVICES,
+}
+MIN_IMAGE_SIZE = 32
+
+
+@dataclass
+class TrainConfig:
+    """Every training knob; stored as JSON with each run so it can be reproduced and compared."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights_path: str | None = None
+    # Model input in pixels; 0 chooses from the photos (see core.training.choose_image_size).
+    image_size: int = 0
+    strategy: str = "head"
+    epochs: int = 60
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 3e-3  # the new linear layer's learning rate
+    backbone_lr: float = 1e-4  # pretrained layers, when they are trained
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine with warmup, or reduce-on-plateau of validation macro-F1
+    warmup_epochs: int = 1
+    class_weighting: str = "inverse"
+    label_smoothing: float = 0.1
+    focal_gamma: float = 0.0  # 0 is plain (weighted, smoothed) cross-entropy
+    augmentation: str = "light"  # image strategies only
+    early_stopping_patience: int = 20  # epochs without a better validation macro-F1; 0 never stops early
+    seed: int = 0
+    device: str = "auto"
+    unfreeze_blocks: int = 2  # two_stage: how many of the last backbone blocks are fine-tuned
+    # finetune and two_stage: epochs of a first fit of the new layer alone, on cached embeddings;
+    # 0 starts fine-tuning from a freshly initialised layer (two_stage needs at least 1).
+    head_epochs: int = 60
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoupeError(f"Unknown training setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """A LoupeError naming the first setting that cannot work on any machine."""
+        for name, allowed in ALLOWED_VALUES.items():
+            if getattr(self, name) not in allowed:
+                raise LoupeError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}.")
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LoupeError(f"{name} must be a whole number of at least 1.")
+        for name in ("image_size", "warmup_epochs", "early_stopping_patience", "unfreeze_blocks", "head_epochs", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise LoupeError(f"{name} must be a whole number, 0 or more.")
+        for name in ("lr", "backbone_lr"):
+            if not getattr(self, name) > 0:
+                raise LoupeError(f"{name} (a learning rate) must be more than 0.")
+        if 0 < self.image_size < MIN_IMAGE_SIZE:
+            raise LoupeError(f"image_size must be 0 (chosen from the photos) or at least {MIN_IMAGE_SIZE} pixels.")
+        if not 0 <= self.label_smoothing < 1:
+            raise LoupeError("label_smoothing must be at least 0 and less than 1.")
+        if self.weight_decay < 0 or self.momentum < 0 or self.focal_gamma < 0:
+            raise LoupeError("weight_decay, momentum and focal_gamma cannot be negative.")
+        if self.strategy == "two_stage" and self.head_epochs < 1:
+            raise LoupeError("two_stage fits the new layer first: head_epochs must be at least 1.")
+
+
+@dataclass
+class ResolvedConfig(TrainConfig):
+    """A run's config as it trained: `image_size` in pixels and `device` the one it ran on.
+
+    Made once, by `core.training.resolve` when the run starts, and stored on the run with its
+    results; every later reader (review, Grad-CAM, export) reads it through `core.jobs.run_config`.
+    Runs recorded before resolved configs were stored may hold image_size 0: the backbone's own size.
+    """
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Seconds on a laptop CPU: a linear head on cached embeddings.
+    "quick": TrainConfig(strategy="head"),
+    # Minutes: Quick's head first, then the network after its first two stages fine-tuned on
+    # augmented images, kept only where it beats the head on validation. Freezing the early,
+    # high-resolution stages spares most of the backward pass (measured on 2 cores, batch 32:
+    # 13 images/s training everything, 25 with the last 5 of Lite0's 7 stages; batch 64 is slower).
+    "thorough": TrainConfig(
+        strategy="two_stage", unfreeze_blocks=5, epochs=6, batch_size=32, backbone_lr=1e-4, warmup_epochs=1,
+        augmentation="light", early_stopping_patience=0,
+    ),
+}
+DEFAULT_PRESET = "quick"
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
+    "thorough": "Thorough: Quick's layer, then the network's later stages fine-tuned on augmented images, kept "
+                "where that does better; minutes on a laptop, sometimes a little more accurate.",
+}
+

@@ -1,0 +1,130 @@
+"""Where a job's heavy work runs: `local`, in the warm worker process, or `ray`, on a Ray cluster.
+
+An executor trains and embeds; the worker that holds it reads the inputs from the workspace and
+alone writes the results back to the workspace and the catalog. Exports, dataset exports and
+backups write the workspace's own files, so they run in the worker whichever the executor.
+`make_executor` gives the one the workspace's settings name (see core.jobs.set_executor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+from sqlite_utils import Database
+
+from core.config import TrainConfig
+from core.embeddings import EmbeddableItem, EmbeddingCache, cache_key, embed_images
+from core.errors import LoupeError
+from core.selection import TrainDataset
+from core.training import Reporter, TrainResult, train
+
+# Vectors kept in the worker's memory between jobs: about 330 MB of Lite0's 1280 floats.
+WARM_VECTORS = 64_000
+# Threads that decode images beside the forward pass: one a core.
+DECODE_THREADS = os.cpu_count() or 1
+
+
+class Executor(Protocol):
+    name: str
+
+    def train(
+        self, job_id: int, config: TrainConfig, dataset: TrainDataset, reporter: Reporter, cache: EmbeddingCache
+    ) -> TrainResult:
+        """`core.training.train` on this executor: the run's model and figures; raises on failure."""
+
+    def embed(
+        self,
+        job_id: int,
+        backbone: str,
+        items: Sequence[EmbeddableItem],
+        cache: EmbeddingCache,
+        progress: Callable[[int, int], None],
+    ) -> int:
+        """Compute and cache the vectors of `items` the cache lacks; how many were computed.
+        `progress(done, total)` after each batch; an exception it raises stops the work."""
+
+    def close(self) -> None: ...
+
+
+class WarmVectors(OrderedDict):
+    """The most recently used embeddings, by (cache key, sha256), kept for the worker's lifetime."""
+
+    def __init__(self, limit: int = WARM_VECTORS):
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key: str, vectors: dict[str, np.ndarray]) -> None:
+        for sha256, vector in vectors.items():
+            self[key, sha256] = vector
+            self.move_to_end((key, sha256))
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class WarmEmbeddingCache(EmbeddingCache):
+    """The catalog's embedding cache with the vectors used lately held in memory between jobs."""
+
+    def __init__(self, db: Database, warm: WarmVectors):
+        super().__init__(db)
+        self.warm = warm
+
+    def get_many(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
+        found = {sha256: self.warm[key, sha256] for sha256 in sha256s if (key, sha256) in self.warm}
+        missing = [sha256 for sha256 in sha256s if sha256 not in found]
+        if missing:
+            found |= super().get_many(key, missing)
+        self.warm.keep(key, found)
+        return found
+
+    def put_many(self, key: str, vectors: dict[str, np.ndarray]) -> None:
+        super().put_many(key, vectors)
+        self.warm.keep(key, vectors)
+
+
+class LocalExecutor:
+    """Everything in the worker process itself, where PyTorch and the caches stay loaded."""
+
+    name = "local"
+
+    def train(
+        self, job_id: int, config: TrainConfig, dataset: TrainDataset, reporter: Reporter, cache: EmbeddingCache
+    ) -> TrainResult:
+        return train(config, dataset, reporter, cache=cache)
+
+    def embed(
+        self,
+        job_id: int,
+        backbone: str,
+        items: Sequence[EmbeddableItem],
+        cache: EmbeddingCache,
+        progress: Callable[[int, int], None],
+    ) -> int:
+        missing = _missing(cache, backbone, items)
+        embed_images(cache, backbone, missing, progress)
+        return len(missing)
+
+    def close(self) -> None:
+        pass
+
+
+def _missing(cache: EmbeddingCache, backbone: str, items: Sequence[EmbeddableItem]) -> list[EmbeddableItem]:
+    known = cache.get_many(cache_key(backbone), [item.sha256 for item in items])
+    return list({item.sha256: item for item in items if item.sha256 not in known}.values())
+
+
+def make_executor(name: str, ray_address: str | None = None) -> Executor:
+    """The executor `name` (core.jobs.EXECUTORS); the ray one connects to the cluster at `ray_address`."""
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        try:
+            from core.executor_ray import RayExecutor
+        except ImportError:
+            raise LoupeError(
+                "The ray executor needs Ray on this machine: pip install -e \".[ray]\" (or choose --executor local)."
+            ) from None
+        return RayExecutor(ray_address)
+    raise LoupeError(f"Unknown executor {name!r}: use local or ray.")
