@@ -1,6 +1,17 @@
 """Accuracy on cached features: few labels, calibrated confidence, active learning, Quick on magtile6.
 
-    python bench/accuracy.py [--cache /tmp/loupe-accuracy] [--datasets ../shared/datasets]
+    python bench/accuracy.py [--cache /tmp/loupe-accuracy] [--datasets ../shared/datasets] [--only SECTION]
+
+1. fewshot: natural8 with 1, 5 and 20 labels a class (3 seeds, 1,000 held-out images, the rest
+   unlabelled): `FewLabelClassifier` against the labelled-only linear probe (scikit-learn's
+   logistic regression on standardised features). `--only rule` instead forces each few-label
+   method at 1 to 100 labels a class: the measurement behind `core.fewshot.choose_method`.
+2. quick: expected calibration error (15 bins) of Quick's probabilities on images it never saw,
+   before and after temperature scaling fitted on validation images; for today's Quick preset
+   and for the proposed one (PROPOSED_QUICK). Then Quick's test figures on magtile6 with Loupe's
+   own stable split, both presets, and the linear probe on the same split.
+3. al: labels saved by `core.fewshot.uncertain_diverse_batch` against random picks, measured as
+   bench/review.py does, on natural8 and magtile6, over 5 seeds and 5 more never tuned on.
 
 Each dataset is imported once into a workspace under --cache and embedded once (its embedding
 cache is the workspace's), so a rerun with the same --cache only computes.
@@ -21,13 +32,14 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, recall_score
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import ingest  # noqa: E402
+from core.auth import ADMIN, Actor  # noqa: E402
 from core.backbones import DEFAULT_BACKBONE, get_spec  # noqa: E402
 from core.calibration import (  # noqa: E402
     apply_temperature,
@@ -38,6 +50,7 @@ from core.calibration import (  # noqa: E402
 from core.embeddings import EmbeddingCache, embed_images  # noqa: E402
 from core.fewshot import FEW_LABEL_METHODS, FewLabelClassifier, uncertain_diverse_batch  # noqa: E402
 from core.training import PRESETS, TrainConfig, TrainDataset, dataset_from_catalog, train  # noqa: E402
+from core.uncertainty import uncertainty  # noqa: E402
 from core.workspace import Workspace, connect, open_workspace  # noqa: E402
 
 EMBED_THREADS = 2
@@ -48,25 +61,43 @@ HELD_OUT = 1000
 # Active learning as bench/review.py measures it (4 labels a class, 16 more a round, 10 rounds,
 # a logistic regression on standardised embeddings), over 5 seeds; magtile6 holds out a third.
 AL_SEEDS = (0, 1, 2, 3, 4)
+# Seeds the labelling order was never looked at with, against tuning to the five above.
+AL_CHECK_SEEDS = (5, 6, 7, 8, 9)
 AL_START_PER_CLASS = 4
 AL_STEP = 16
 AL_ROUNDS = 10
 AL_HELD_OUT = {"natural8": 1000, "magtile6": 448}
 MAGTILE6_RARE_CLASS = "fray"
 CALIBRATION_FOLDS = 5
-# Quick with the class weighting and smoothing measured best on magtile6 (see quick_figures).
+# Quick with the class weighting and smoothing measured best on magtile6 (see quick_settings).
 PROPOSED_QUICK = dataclasses.replace(PRESETS["quick"], class_weighting="inverse_sqrt", label_smoothing=0.0)
+# What moves Quick's macro-F1 on magtile6: each a change to today's Quick preset.
+QUICK_SETTINGS = {
+    "today": {},
+    "no_weighting": {"class_weighting": "none"},
+    "inverse_sqrt": {"class_weighting": "inverse_sqrt"},
+    "effective_number": {"class_weighting": "effective_number"},
+    "no_smoothing": {"label_smoothing": 0.0},
+    "epochs_200": {"epochs": 200},
+    "size_288": {"image_size": 288},
+    "proposed": {"class_weighting": "inverse_sqrt", "label_smoothing": 0.0},
+    "proposed_size_288": {"class_weighting": "inverse_sqrt", "label_smoothing": 0.0, "image_size": 288},
+}
+QUICK_SEEDS = (0, 1, 2)
 
 
 def say(name: str, value: float | int | str) -> None:
     print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
+# ---------------------------------------------------------------- data
+
+
 def imported(ws: Workspace, folder: Path) -> list[dict]:
     """The dataset's images in the workspace (imported once), with label and split, by image id."""
     db = connect(ws)
     if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
-        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), who="bench")
+        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), actor=Actor("bench", ADMIN), source="server disk")
     return list(
         db.query(
             "SELECT images.id, images.sha256, images.path, classes.name AS label, splits.split FROM images "
@@ -88,9 +119,6 @@ def as_indices(labels: list[str]) -> tuple[np.ndarray, list[str]]:
     return np.array([classes.index(label) for label in labels]), classes
 
 
-# ---------------------------------------------------------------- data
-
-
 class Dataset:
     """One shared dataset's labelled images, their features at a size, and Loupe's split of them."""
 
@@ -109,11 +137,13 @@ def held_out_draw(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nda
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
     held_out, pool = order[:HELD_OUT], order[HELD_OUT:]
-    labelled = np.concatenate([rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in np.unique(labels)])
+    labelled = np.concatenate(
+        [rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in np.unique(labels)]
+    )
     return labelled, np.setdiff1d(pool, labelled), held_out
 
 
-def labelled_only_head(x_train: np.ndarray, y_train: np.ndarray) -> object:
+def labelled_only_head(x_train: np.ndarray, y_train: np.ndarray) -> Pipeline:
     """The reference linear probe: scikit-learn's logistic regression on standardised features."""
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
 
@@ -221,6 +251,16 @@ def quick_figures(data: Dataset, quick: tuple[dict, tuple, tuple], prefix: str) 
     say(f"{prefix}_rare_recall", float(recall_score(test_labels, predicted, labels=[rare], average="macro")))
 
 
+def quick_settings(data: Dataset) -> None:
+    """Test macro-F1 on Loupe's split for each of QUICK_SETTINGS, the mean of QUICK_SEEDS."""
+    for name, change in QUICK_SETTINGS.items():
+        scores = [
+            quick_run(data, dataclasses.replace(PRESETS["quick"], seed=seed, **change))[0]["test_macro_f1"]
+            for seed in QUICK_SEEDS
+        ]
+        say(f"{data.name}_quick_setting_{name}_macro_f1", float(np.mean(scores)))
+
+
 def linear_probe(data: Dataset) -> None:
     """The reference on the same split: a logistic regression on standardised train features."""
     train_rows, test_rows = data.splits == "train", data.splits == "test"
@@ -248,9 +288,8 @@ def learning_curve(data: Dataset, strategy: str, seed: int) -> list[float]:
         if strategy == "random":
             picked = rng.choice(rest, AL_STEP, replace=False)
         else:
-            probs = np.zeros((len(rest), len(data.classes)))
-            probs[:, model.classes_] = model.predict_proba(x[rest])
-            picked = rest[uncertain_diverse_batch(probs, x[rest], AL_STEP, seed=seed)]
+            unsure = uncertainty(model.predict_proba(x[rest]), "margin")
+            picked = rest[uncertain_diverse_batch(unsure, x[rest], AL_STEP, seed=seed)]
         labelled = np.concatenate([labelled, picked])
     return accuracies
 
@@ -266,21 +305,27 @@ def labels_to_reach(curve: np.ndarray, counts: np.ndarray, target: float) -> flo
     return float(counts[-1])
 
 
-def active_learning(data: Dataset) -> None:
+def label_saving(data: Dataset, seeds: tuple[int, ...]) -> tuple[float, float, float]:
+    """(random's final accuracy, the uncertain-diverse order's, the share of labels it saves), seed means."""
     counts = np.array([AL_START_PER_CLASS * len(data.classes) + AL_STEP * r for r in range(AL_ROUNDS + 1)])
-    curves = {
-        strategy: np.mean([learning_curve(data, strategy, seed) for seed in AL_SEEDS], axis=0)
+    by_random, ours = (
+        np.mean([learning_curve(data, strategy, seed) for seed in seeds], axis=0)
         for strategy in ("random", "uncertain_diverse")
-    }
-    target = curves["random"][-1]
-    say(f"{data.name}_al_random_final_acc", float(target))
-    say(f"{data.name}_al_uncertain_diverse_final_acc", float(curves["uncertain_diverse"][-1]))
-    say(f"{data.name}_al_label_saving", 1.0 - labels_to_reach(curves["uncertain_diverse"], counts, target) / counts[-1])
+    )
+    return float(by_random[-1]), float(ours[-1]), 1.0 - labels_to_reach(ours, counts, by_random[-1]) / counts[-1]
+
+
+def active_learning(data: Dataset) -> None:
+    random_final, ours_final, saving = label_saving(data, AL_SEEDS)
+    say(f"{data.name}_al_random_final_acc", random_final)
+    say(f"{data.name}_al_uncertain_diverse_final_acc", ours_final)
+    say(f"{data.name}_al_label_saving", saving)
+    say(f"{data.name}_al_label_saving_check_seeds", label_saving(data, AL_CHECK_SEEDS)[2])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default="/tmp/loupe-accuracy", help="a folder for the workspaces and their embeddings")
+    parser.add_argument("--cache", default="/tmp/loupe-accuracy", help="a folder for workspaces and their embeddings")
     parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     parser.add_argument("--only", choices=("fewshot", "rule", "quick", "al"), help="run one section alone")
     args = parser.parse_args()
@@ -302,6 +347,7 @@ def main() -> None:
             quick_figures(magtile6, quick_run(magtile6, PRESETS["quick"]), "magtile6_quick")
             quick_figures(magtile6, quick_run(magtile6, PROPOSED_QUICK), "magtile6_proposed_quick")
             linear_probe(magtile6)
+            quick_settings(magtile6)
         if args.only in (None, "al"):
             active_learning(natural8)
             active_learning(magtile6)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core import bundle_predict, ingest, jobs  # noqa: E402
+from core.auth import ADMIN, Actor  # noqa: E402
 from core.checkpoints import load_run_model  # noqa: E402
 from core.export import export_run, run_snapshot  # noqa: E402
 from core.training import PRESETS  # noqa: E402
@@ -72,8 +73,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ws = open_workspace(Path(tmp) / "ws")
         db = connect(ws)
-        ingest.ingest_items(ws, db, ingest.items_from_folder(dataset))
-        run_id = jobs.create_run(ws, db, PRESETS["quick"])
+        bench = Actor("bench", ADMIN)
+        ingest.ingest_items(ws, db, ingest.items_from_folder(dataset), actor=bench, source="server disk")
+        run_id = jobs.create_run(ws, db, PRESETS["quick"], actor=bench)
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "core.worker", "--workspace", str(ws.root), str(run_id)], cwd=ROOT, check=True
@@ -84,7 +86,7 @@ def main() -> int:
             return 1
 
         start = time.perf_counter()
-        report = export_run(ws, db, Path(tmp) / "bundle.zip", run_id=run_id, int8=True)
+        report = export_run(ws, db, Path(tmp) / "bundle.zip", run_id=run_id, int8=True, actor=bench)
         print(f"export_seconds: {time.perf_counter() - start:.1f}")
 
         trained = load_run_model(ws, run_id)

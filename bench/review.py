@@ -40,6 +40,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from core import hard, ingest, jobs
+from core.auth import Actor
 from core.backbones import DEFAULT_BACKBONE, configure_threads, get_spec
 from core.checkpoints import load_run_model
 from core.embeddings import EmbeddingCache, embed_images
@@ -57,6 +58,7 @@ AL_START_PER_CLASS = 4
 AL_STEP = 16
 AL_ROUNDS = 10
 GRADCAM_IMAGES = 50
+BENCH = Actor("bench", "admin")
 COPY_KINDS = ("crop", "flip", "rotate", "half", "jpeg60")
 # Separates a copy's name from its original's stem, e.g. "ants-123~flip.jpg".
 COPY_MARK = "~"
@@ -70,7 +72,7 @@ def imported(ws: Workspace, folder: Path) -> list[dict]:
     """The dataset's images in the workspace (imported once), with label and split."""
     db = connect(ws)
     if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
-        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), who="bench")
+        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), actor=BENCH, source="server disk")
     return list(
         db.query(
             "SELECT images.id, images.sha256, images.path, classes.name AS label, splits.split FROM images "
@@ -233,7 +235,7 @@ def active_learning(ws: Workspace, natural8: Path) -> None:
 
 def gradcam_speed(ws: Workspace) -> None:
     db = connect(ws)
-    run_id = jobs.create_run(ws, db, PRESETS["quick"])
+    run_id = jobs.create_run(ws, db, PRESETS["quick"], actor=BENCH)
     if run_worker(ws, run_id) != jobs.RunStatus.SUCCEEDED:
         raise SystemExit(f"the Quick run failed: {jobs.get_run(db, run_id)['error']}")
     trained = load_run_model(ws, run_id)
@@ -286,10 +288,10 @@ def near_duplicates(ws: Workspace, hymenoptera: Path) -> None:
         rng = np.random.default_rng(0)
         for path in sorted((hymenoptera / "val").glob("*/*.jpg")):
             data = path.read_bytes()
-            ingest.ingest_bytes(ws, db, data, path.name, path.parent.name, "val", who="bench")
+            ingest.ingest_bytes(ws, db, data, path.name, path.parent.name, "val", actor=BENCH)
             for kind, copy in copies_of(open_image_rgb(path), rng).items():
                 name = f"{path.stem}{COPY_MARK}{kind}.jpg"
-                ingest.ingest_bytes(ws, db, copy, name, path.parent.name, "val", who="bench")
+                ingest.ingest_bytes(ws, db, copy, name, path.parent.name, "val", actor=BENCH)
     rows = list(db.query("SELECT id, sha256, path, original_name FROM images ORDER BY id"))
     features = embeddings(ws, rows)
     hashes = hard.run_image_hashes(ws, db, np.array([r["id"] for r in rows]))

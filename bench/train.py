@@ -24,6 +24,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.auth import ADMIN, Actor  # noqa: E402
 from core.backbones import configure_threads, create_backbone, get_spec  # noqa: E402
 from core.embeddings import EmbeddingCache  # noqa: E402
 from core.images import open_image_rgb  # noqa: E402
@@ -40,6 +41,7 @@ NATURAL8_TEST_PER_CLASS = 60
 RARE_FRACTION = 0.05
 RARE_CLASS = "cat"
 RARE_DRAWS = 3
+BENCH_ACTOR = Actor("bench", ADMIN)
 
 
 def line(name: str, value) -> None:
@@ -143,7 +145,7 @@ def timed_train(config: TrainConfig, dataset: TrainDataset, cache: EmbeddingCach
 def hymenoptera(datasets: Path, workdir: Path, baseline_epochs: int, thorough_epochs: int | None) -> None:
     ws = open_workspace(workdir / "hymenoptera")
     db = connect(ws)
-    ingest_items(ws, db, items_from_folder(datasets / "hymenoptera"))
+    ingest_items(ws, db, items_from_folder(datasets / "hymenoptera"), actor=BENCH_ACTOR, source="server disk")
     dataset = dataset_from_catalog(ws, db)
     line("hymenoptera_train_images", len(dataset.split("train")))
     line("hymenoptera_val_images", len(dataset.split("val")))
@@ -197,7 +199,7 @@ def natural8(datasets: Path, workdir: Path) -> None:
     ws = open_workspace(workdir / "natural8")
     db = connect(ws)
     wanted = [path for paths in files.values() for path in paths]
-    outcomes = ingest_items(ws, db, [ImportItem(p.name, p.read_bytes) for p in wanted])
+    outcomes = ingest_items(ws, db, [ImportItem(p.name, p.read_bytes) for p in wanted], actor=BENCH_ACTOR, source="server disk")
     rows = {row["id"]: row for row in db.query("SELECT id, sha256, path, MIN(width, height) AS short_side FROM images")}
     ids = {path: (o.image_id, rows[o.image_id]["sha256"], ws.root / rows[o.image_id]["path"], rows[o.image_id]["short_side"])
            for path, o in zip(wanted, outcomes)}

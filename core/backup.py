@@ -8,6 +8,9 @@ content-addressed and never rewritten, and a run folder is taken once its run ha
 A backup to restore is untrusted: its catalog must have exactly the schema this Loupe writes, every
 path in it the content-addressed form, every image the bytes its hash names, and the archive nothing
 else. It is unpacked into a temporary folder beside the target and moved into place only when whole.
+
+Backing up and restoring are `backup` (admins): a backup holds every image and label of the workspace.
+Both are recorded in the audit log (a restore in the restored workspace's own log).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Callable
 
 from sqlite_utils import Database
 
+from core import audit
+from core.auth import Actor, authorize
 from core.errors import LoupeError
 from core.images import ALLOWED_FORMATS, MAX_FILE_BYTES
 from core.ingest import MAX_ZIP_TOTAL_BYTES, zip_members
@@ -93,12 +98,14 @@ def _snapshot_files(snapshot: Path, ws: Workspace) -> list[str]:
 
 
 def backup_workspace(
-    ws: Workspace, out_path: str | Path, *, on_progress: Callable[[int, int], None] | None = None
+    ws: Workspace, out_path: str | Path, *, actor: Actor, on_progress: Callable[[int, int], None] | None = None
 ) -> dict[str, int]:
     """Write a backup zip atomically; returns what it holds (files, images, runs, bytes).
 
-    Reads the workspace only, so a read-only workspace can be backed up too. `on_progress(files_written,
-    files)` after each file; an exception it raises stops the backup and leaves no zip behind."""
+    Reads the workspace only, so a read-only workspace can be backed up too (its audit log, which cannot
+    be written, then has no entry for it). `on_progress(files_written, files)` after each file; an
+    exception it raises stops the backup and leaves no zip behind."""
+    authorize(actor, "backup")
     out_path = Path(out_path)
     if not ws.catalog_path.is_file():
         raise LoupeError(f"{ws.root} has no catalog to back up.")
@@ -121,6 +128,12 @@ def backup_workspace(
                 archive.write(ws.root / rel, rel, compress_type=zipfile.ZIP_STORED)
                 if on_progress:
                     on_progress(done, len(files))
+    if not ws.read_only:
+        db = connect(ws)
+        try:
+            audit.record_backup(db, actor, event="backup")
+        finally:
+            db.close()
     return {"files": len(files), "images": images, "runs": runs, "bytes": out_path.stat().st_size}
 
 
@@ -242,10 +255,11 @@ def _unpack(archive: zipfile.ZipFile, staging: Path) -> list[str]:
     return files
 
 
-def restore_workspace(archive_path: str | Path, root: str | Path) -> dict[str, int | str]:
+def restore_workspace(archive_path: str | Path, root: str | Path, *, actor: Actor) -> dict[str, int | str]:
     """Unpack a backup into an empty (or new) folder once all of it is checked; returns what was restored.
 
     A refused or failed restore leaves the target as it was (absent, or empty)."""
+    authorize(actor, "backup")
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise LoupeError(f"{root} is not empty: restore into a new or empty folder, nothing was changed.")
@@ -266,6 +280,8 @@ def restore_workspace(archive_path: str | Path, root: str | Path) -> dict[str, i
                 table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("images", "labels", "classes", "runs")
             }
+            audit.record_backup(Database(db), actor, event="restore")
+            db.commit()
         sync_to_disk([p for p in staging.rglob("*") if p.is_file()])
         # Replaces the empty target folder, if there is one, in one step.
         os.replace(staging, root)

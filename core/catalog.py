@@ -2,7 +2,15 @@
 
 The schema and its migrations are in `core.schema`; expert review decisions in `core.reviews`.
 
-Plain functions over a `sqlite_utils.Database`; the database always comes first.
+Plain functions over a `sqlite_utils.Database`; the database always comes first. Every write takes
+the acting identity (`actor`), refuses through `core.auth.authorize` what its role may not do, is
+attributed to `actor.name` and leaves one entry in the audit log (`core.audit`) per action.
+
+Classes: renaming, merging, archiving, restoring and undoing those are `manage_classes` (admins).
+Naming a new class is part of labelling: a role that may `label` may add a class (the Label page
+creates one when an image is labelled with a new name), but only `manage_classes` brings an
+archived class back. `set_setting` is the storage step under the checked setting writers here and
+in `core.accounts` and `core.jobs`.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlite_utils import Database
 
-from core import images, selection
+from core import audit, images, selection
+from core.auth import Actor, authorize, can
 from core.errors import LoupeError
 
 SPLITS = ("train", "val", "test")
@@ -53,7 +62,8 @@ def decode_budget_bytes(db: Database) -> int:
         raise LoupeError(f"This workspace's decode budget setting is invalid: set it again. {exc}") from None
 
 
-def set_decode_budget_bytes(db: Database, budget_bytes: int) -> None:
+def set_decode_budget_bytes(db: Database, budget_bytes: int, *, actor: Actor) -> None:
+    authorize(actor, "settings")
     set_setting(db, "decode_budget_bytes", images.check_decode_budget(budget_bytes))
 
 
@@ -61,7 +71,8 @@ def split_fractions(db: Database) -> dict[str, float]:
     return get_setting(db, "split_fractions", DEFAULT_SPLIT_FRACTIONS)
 
 
-def set_split_fractions(db: Database, fractions: dict[str, float]) -> None:
+def set_split_fractions(db: Database, fractions: dict[str, float], *, actor: Actor) -> None:
+    authorize(actor, "manage_splits")
     if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
         raise LoupeError("Split fractions need train, val and test, none negative.")
     total = sum(fractions.values())
@@ -77,7 +88,8 @@ def find_image_by_sha256(db: Database, sha256: str) -> dict | None:
     return next(db.query("SELECT * FROM images WHERE sha256 = ?", [sha256]), None)
 
 
-def insert_image(db: Database, row: dict) -> int:
+def insert_image(db: Database, row: dict, *, actor: Actor) -> int:
+    authorize(actor, "upload")
     cursor = db.execute(
         "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at) "
         "VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at)",
@@ -219,15 +231,30 @@ def clean_class_name(name: str) -> str:
     return cleaned
 
 
-def add_class(db: Database, name: str) -> int:
+def add_class(db: Database, name: str, *, actor: Actor) -> int:
     """The class's id, creating it (or bringing it back from the archive) if needed."""
+    if not can(actor, "label"):
+        authorize(actor, "manage_classes")
     name = clean_class_name(name)
     row = _class_row(db, name)
-    if row:
-        if row["archived"]:
-            db.execute("UPDATE classes SET archived = 0 WHERE id = ?", [row["id"]])
+    if row and not row["archived"]:
         return row["id"]
-    return db.execute("INSERT INTO classes (name, created_at) VALUES (?, ?)", [name, now()]).lastrowid
+    with write_transaction(db):
+        if row:
+            check_labelling_class(db, name, actor=actor)
+            db.execute("UPDATE classes SET archived = 0 WHERE id = ?", [row["id"]])
+            audit.record_class_change(db, actor, change="restore", name=row["name"])
+            return row["id"]
+        class_id = db.execute("INSERT INTO classes (name, created_at) VALUES (?, ?)", [name, now()]).lastrowid
+        audit.record_class_change(db, actor, change="add", name=name)
+    return class_id
+
+
+def check_labelling_class(db: Database, name: str, *, actor: Actor) -> None:
+    """Refuse labelling into an archived class for a role that may not bring it back."""
+    row = _class_row(db, clean_class_name(name))
+    if row and row["archived"] and not can(actor, "manage_classes"):
+        raise LoupeError(f"The class {row['name']!r} is archived: ask an admin to restore it.")
 
 
 def require_class(db: Database, name: str) -> dict:
@@ -237,7 +264,8 @@ def require_class(db: Database, name: str) -> dict:
     return row
 
 
-def rename_class(db: Database, old: str, new: str, *, who: str = "anonymous") -> None:
+def rename_class(db: Database, old: str, new: str, *, actor: Actor) -> None:
+    authorize(actor, "manage_classes")
     new = clean_class_name(new)
     row = require_class(db, old)
     existing = _class_row(db, new)
@@ -245,34 +273,39 @@ def rename_class(db: Database, old: str, new: str, *, who: str = "anonymous") ->
         raise LoupeError(f"A class named {existing['name']!r} already exists: merge the two instead.")
     with write_transaction(db):
         db.execute("UPDATE classes SET name = ? WHERE id = ?", [new, row["id"]])
-        _record_class_change(db, "rename", row["id"], {"old": row["name"], "new": new}, who)
+        _record_class_change(db, "rename", row["id"], {"old": row["name"], "new": new}, actor)
+        audit.record_class_change(db, actor, change="rename", name=row["name"], new_name=new)
 
 
-def merge_classes(db: Database, source: str, target: str, who: str) -> int:
+def merge_classes(db: Database, source: str, target: str, *, actor: Actor) -> int:
     """Move every label of `source` to `target`, recording each move; `source` is archived."""
+    authorize(actor, "manage_classes")
     src, dst = require_class(db, source), require_class(db, target)
     if src["id"] == dst["id"]:
         raise LoupeError("Choose two different classes to merge.")
     ids = [r["image_id"] for r in db.query("SELECT image_id FROM labels WHERE class_id = ?", [src["id"]])]
     with write_transaction(db):
-        _set_labels(db, ids, dst["id"], who, reason=f"merge {source} into {target}")
+        _set_labels(db, ids, dst["id"], actor.name, reason=f"merge {source} into {target}")
         db.execute("UPDATE classes SET archived = 1 WHERE id = ?", [src["id"]])
         details = {"source": src["name"], "target": dst["name"], "target_id": dst["id"], "image_ids": ids}
-        _record_class_change(db, "merge", src["id"], details, who)
+        _record_class_change(db, "merge", src["id"], details, actor)
+        audit.record_class_change(db, actor, change="merge", name=src["name"], new_name=dst["name"])
     return len(ids)
 
 
-def archive_class(db: Database, name: str, archived: bool = True, *, who: str = "anonymous") -> None:
+def archive_class(db: Database, name: str, archived: bool = True, *, actor: Actor) -> None:
+    authorize(actor, "manage_classes")
     row = require_class(db, name)
     with write_transaction(db):
         db.execute("UPDATE classes SET archived = ? WHERE id = ?", [int(archived), row["id"]])
-        _record_class_change(db, "archive", row["id"], {"name": row["name"], "archived": archived}, who)
+        _record_class_change(db, "archive", row["id"], {"name": row["name"], "archived": archived}, actor)
+        audit.record_class_change(db, actor, change="archive" if archived else "restore", name=row["name"])
 
 
-def _record_class_change(db: Database, action: str, class_id: int, details: dict, who: str) -> None:
+def _record_class_change(db: Database, action: str, class_id: int, details: dict, actor: Actor) -> None:
     db.execute(
         "INSERT INTO class_changes (action, class_id, details, who, at) VALUES (?, ?, ?, ?, ?)",
-        [action, class_id, json.dumps(details), (who or "").strip() or "anonymous", now()],
+        [action, class_id, json.dumps(details), actor.name, now()],
     )
 
 
@@ -282,9 +315,9 @@ def last_class_change(db: Database) -> dict | None:
     return {**row, "details": json.loads(row["details"])} if row else None
 
 
-def undo_class_change(db: Database, change_id: int, *, who: str) -> str:
+def undo_class_change(db: Database, change_id: int, *, actor: Actor) -> str:
     """Reverse one rename, merge or archive; returns what was done, in words."""
-    who = (who or "").strip() or "anonymous"
+    authorize(actor, "manage_classes")
     row = next(db.query("SELECT * FROM class_changes WHERE id = ? AND undone_at IS NULL", [change_id]), None)
     if row is None:
         raise LoupeError("That class change is already undone.")
@@ -304,30 +337,61 @@ def undo_class_change(db: Database, change_id: int, *, who: str) -> str:
                     [details["target_id"], *details["image_ids"]],
                 )
             ] if details["image_ids"] else []
-            _set_labels(db, still, row["class_id"], who, reason=f"undo merge {details['source']} into {details['target']}")
+            _set_labels(db, still, row["class_id"], actor.name, reason=f"undo merge {details['source']} into {details['target']}")
             db.execute("UPDATE classes SET archived = 0 WHERE id = ?", [row["class_id"]])
             done = f"Moved {len(still)} labels back to {details['source']!r}."
         else:
             db.execute("UPDATE classes SET archived = ? WHERE id = ?", [int(not details["archived"]), row["class_id"]])
             done = f"{'Restored' if details['archived'] else 'Archived'} {details['name']!r} again."
         db.execute("UPDATE class_changes SET undone_at = ? WHERE id = ?", [now(), change_id])
+        audit.record_class_change(db, actor, change=f"undo {row['action']}", name=details.get("name")
+                                  or details.get("source") or details.get("new"))
     return done
 
 
 # ---------------------------------------------------------------- labels and splits
 
 
-def set_label(db: Database, image_id: int, class_name: str | None, who: str) -> None:
+def set_label(db: Database, image_id: int, class_name: str | None, *, actor: Actor) -> None:
     """Label one image (None removes its label); every change is kept in label_events."""
-    set_labels(db, [image_id], class_name, who)
+    set_labels(db, [image_id], class_name, actor=actor)
 
 
-def set_labels(db: Database, image_ids: Iterable[int], class_name: str | None, who: str) -> int:
-    """Label many images in one transaction; returns how many labels changed."""
-    who = (who or "").strip() or "anonymous"
+def set_labels(db: Database, image_ids: Iterable[int], class_name: str | None, *, actor: Actor) -> int:
+    """Label many images in one transaction, as one audited action; returns how many labels changed."""
+    authorize(actor, "label")
+    ids = list(image_ids)
     with write_transaction(db):
-        class_id = add_class(db, class_name) if class_name is not None else None
-        return _set_labels(db, list(image_ids), class_id, who, reason="label")
+        class_id = add_class(db, class_name, actor=actor) if class_name is not None else None
+        changed = _set_labels(db, ids, class_id, actor.name, reason="label")
+        if changed:
+            audit.record_label(db, actor, image_ids=ids, class_name=_class_name_of(db, class_id))
+    return changed
+
+
+def label_imported_image(db: Database, image_id: int, class_name: str, *, actor: Actor) -> int:
+    """The label an import brings for an image it added (or an unlabelled copy it found): part of the
+    import, so audited with it rather than on its own; how many labels changed (0 or 1)."""
+    authorize(actor, "upload")
+    with write_transaction(db):
+        class_id = add_class(db, class_name, actor=actor)
+        return _set_labels(db, [image_id], class_id, actor.name, reason="import")
+
+
+def relabel_from_review(db: Database, image_id: int, class_name: str, *, actor: Actor) -> int:
+    """A reviewer's relabel to an existing class, kept in label_events like any label (audited as the
+    review decision it belongs to); how many labels changed (0 or 1)."""
+    authorize(actor, "relabel_from_review")
+    with write_transaction(db):
+        row = require_class(db, clean_class_name(class_name))
+        if row["archived"]:
+            raise LoupeError(f"The class {row['name']!r} is archived: ask an admin to restore it.")
+        return _set_labels(db, [image_id], row["id"], actor.name, reason="review")
+
+
+def _class_name_of(db: Database, class_id: int | None) -> str | None:
+    row = next(db.query("SELECT name FROM classes WHERE id = ?", [class_id]), None) if class_id is not None else None
+    return row["name"] if row else None
 
 
 def _set_labels(db: Database, image_ids: list[int], class_id: int | None, who: str, reason: str) -> int:
@@ -359,12 +423,14 @@ def _set_labels(db: Database, image_ids: list[int], class_id: int | None, who: s
     return changed
 
 
-def undo_last_label(db: Database, who: str) -> int | None:
-    """Revert `who`'s most recent label not yet undone, so repeated undos step further back.
+def undo_last_label(db: Database, *, actor: Actor) -> int | None:
+    """Revert the actor's most recent label not yet undone, so repeated undos step further back; only
+    labels made under the actor's own name are undone.
 
     The undo is itself an event (reason `undo #<event id>`); returns the image's id, None if nothing is left.
     """
-    who = (who or "").strip() or "anonymous"
+    authorize(actor, "label")
+    who = actor.name
     last = next(
         db.query(
             "SELECT * FROM label_events e WHERE e.who = ? AND e.reason = 'label' AND NOT EXISTS "
@@ -385,30 +451,36 @@ def undo_last_label(db: Database, who: str) -> int | None:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [last["image_id"], last["old_class_id"], last["old_class_id"], who, now(), reason],
             )
+        audit.record_label(db, actor, image_ids=[last["image_id"]], class_name=_class_name_of(db, last["old_class_id"]))
     return last["image_id"]
 
 
 def apply_label_event(
-    db: Database, event_id: str, image_ids: list[int], class_name: str | None, *, who: str
+    db: Database, event_id: str, image_ids: list[int], class_name: str | None, *, actor: Actor
 ) -> dict:
     """Label `image_ids` as `class_name` once per `event_id`, however often the event arrives.
 
     Returns the event's record (`error` says why it was refused); `fresh` is true only for the call
-    that applied it. A refused event is recorded too, so its sender stops resending it.
+    that applied it. A refused event is recorded too, so its sender stops resending it; a role that
+    may not label at all is refused (LoupeError) before anything is recorded.
     """
+    authorize(actor, "label")
+
     def label() -> None:
-        set_labels(db, image_ids, class_name, who)
+        set_labels(db, image_ids, class_name, actor=actor)
 
-    return _apply_once(db, event_id, who, label)
+    return apply_event_once(db, event_id, actor.name, label)
 
 
-def apply_undo_event(db: Database, event_id: str, *, who: str) -> dict:
+def apply_undo_event(db: Database, event_id: str, *, actor: Actor) -> dict:
     """`undo_last_label` once per `event_id`; the record's `image_id` is the image put back."""
-    return _apply_once(db, event_id, who, lambda: undo_last_label(db, who))
+    authorize(actor, "label")
+    return apply_event_once(db, event_id, actor.name, lambda: undo_last_label(db, actor=actor))
 
 
-def _apply_once(db: Database, event_id: str, who: str, action) -> dict:
-    who = (who or "").strip() or "anonymous"
+def apply_event_once(db: Database, event_id: str, who: str, action: Callable[[], int | None]) -> dict:
+    """Run `action` (which returns the image it acted on) once per browser event id; a LoupeError it
+    raises is recorded as the event's `error` and undoes nothing but the action's own changes."""
     with write_transaction(db):
         done = next(db.query("SELECT * FROM applied_label_events WHERE event_id = ?", [event_id]), None)
         if done:
@@ -502,7 +574,12 @@ def _assign_split(db: Database, image_id: int, class_id: int) -> None:
     db.execute("INSERT INTO splits (image_id, split, pinned) VALUES (?, ?, 0)", [image_id, split])
 
 
-def pin_split(db: Database, image_id: int, split: str) -> None:
+def pin_split(db: Database, image_id: int, split: str, *, actor: Actor) -> None:
+    authorize(actor, "manage_splits")
+    _pin_split(db, image_id, split)
+
+
+def _pin_split(db: Database, image_id: int, split: str) -> None:
     if split not in SPLITS:
         raise LoupeError(f"Unknown split {split!r}: use one of {', '.join(SPLITS)}.")
     db.execute(
@@ -510,6 +587,53 @@ def pin_split(db: Database, image_id: int, split: str) -> None:
         "ON CONFLICT(image_id) DO UPDATE SET split = excluded.split, pinned = 1",
         [image_id, split],
     )
+
+
+def rebalance_splits(db: Database, *, actor: Actor, minimum: int) -> list[dict]:
+    """Move unpinned labelled train images to val and test until each holds `minimum` labelled images,
+    taking from the classes in turn so each split keeps every class, and leaving each class at least
+    half its images in train. Labels are untouched; each move is kept in `split_changes`. Returns the moves.
+    """
+    authorize(actor, "manage_splits")
+    moves: list[dict] = []
+    with write_transaction(db):
+        rows = list(db.query(
+            "SELECT labels.image_id, labels.class_id, splits.split, splits.pinned FROM labels "
+            "JOIN images ON images.id = labels.image_id JOIN splits ON splits.image_id = labels.image_id "
+            "WHERE images.excluded = 0 ORDER BY labels.class_id, images.sha256"
+        ))
+        have = {split: sum(r["split"] == split for r in rows) for split in ("val", "test")}
+        per_class: dict[int, dict] = {}
+        for r in rows:
+            entry = per_class.setdefault(r["class_id"], {"total": 0, "train": 0, "movable": []})
+            entry["total"] += 1
+            entry["train"] += r["split"] == "train"
+            if r["split"] == "train" and not r["pinned"]:
+                entry["movable"].append(r["image_id"])
+        for entry in per_class.values():
+            # Half the class stays in train (rounded up): the model must still see it.
+            entry["spare"] = max(0, min(len(entry["movable"]), entry["train"] - (entry["total"] + 1) // 2))
+        at = now()
+        while True:
+            short = [s for s in ("val", "test") if have[s] < minimum]
+            givers = [e for e in per_class.values() if e["spare"] > 0]
+            if not short or not givers:
+                break
+            for entry in givers:
+                short = [s for s in ("val", "test") if have[s] < minimum]
+                if not short:
+                    break
+                split = min(short, key=lambda s: have[s])
+                image_id = entry["movable"].pop(0)
+                entry["spare"] -= 1
+                have[split] += 1
+                db.execute("UPDATE splits SET split = ? WHERE image_id = ?", [split, image_id])
+                db.execute(
+                    "INSERT INTO split_changes (image_id, old_split, new_split, who, at) VALUES (?, 'train', ?, ?, ?)",
+                    [image_id, split, actor.name, at],
+                )
+                moves.append({"image_id": image_id, "old_split": "train", "new_split": split})
+    return moves
 
 
 # ---------------------------------------------------------------- overview
@@ -572,21 +696,29 @@ def write_transaction(db: Database) -> Iterator[Database]:
 # ---------------------------------------------------------------- imports
 
 
-def insert_new_image(db: Database, row: dict) -> int | None:
-    """Insert an image row; None when an image with the same sha256 is already there (another import won)."""
+def insert_new_image(db: Database, row: dict, *, actor: Actor, split: str | None = None) -> int | None:
+    """Insert an imported image row, pinned to `split` when its source named one (an import may pin the
+    images it adds, never others); None when an image with the same sha256 is already there (another
+    import won)."""
+    authorize(actor, "upload")
     cursor = db.execute(
         "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at) "
         "VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at) "
         "ON CONFLICT(sha256) DO NOTHING",
         {"added_at": now(), **row},
     )
-    return cursor.lastrowid if cursor.rowcount == 1 else None
+    if cursor.rowcount != 1:
+        return None
+    if split:
+        _pin_split(db, cursor.lastrowid, split)
+    return cursor.lastrowid
 
 
-def add_import_conflict(db: Database, image_id: int, claimed_label: str, *, source_name: str) -> None:
+def add_import_conflict(db: Database, image_id: int, claimed_label: str, *, source_name: str, actor: Actor) -> None:
     """Keep an imported copy's disagreeing label for a person to decide; the catalog's label stays.
 
     Importing the same copy again adds nothing while the first disagreement is still open."""
+    authorize(actor, "upload")
     db.execute(
         "INSERT INTO import_conflicts (image_id, claimed_label, source_name, at) SELECT ?, ?, ?, ? "
         "WHERE NOT EXISTS (SELECT 1 FROM import_conflicts WHERE image_id = ? AND claimed_label = ? "
@@ -609,5 +741,7 @@ def open_import_conflicts(db: Database) -> list[dict]:
     )
 
 
-def resolve_import_conflict(db: Database, conflict_id: int) -> None:
+def resolve_import_conflict(db: Database, conflict_id: int, *, actor: Actor) -> None:
+    """Close an import's disagreement: deciding between two labels is a review decision."""
+    authorize(actor, "review")
     db.execute("UPDATE import_conflicts SET resolved_at = ? WHERE id = ?", [now(), conflict_id])

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.auth import ROLES
+from core.auth import ADMIN, ROLES, Actor
 from core.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
 from core.errors import LoupeError
 from core.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV
@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     ws = open_workspace(args.workspace)
     db = connect(ws)
+    _choose_executor(db, args)
     try:
         has_accounts = accounts.has_password_accounts(db)
     finally:
@@ -41,6 +42,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 # The command line is run by whoever can already read and write the workspace on disk.
 CLI_ACTOR_NAME = "command line"
+
+
+def cli_actor() -> Actor:
+    """Who `loupe` acts as: the machine's own user, an admin (they can change the workspace's files
+    anyway), named `cli:<os user>` in label histories and the audit log. Their imports are not limited
+    to the server's import folders either."""
+    import getpass
+
+    return Actor(f"cli:{getpass.getuser()}", ADMIN)
+
+
+def _executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray"), default=None,
+                        help="where the workspace's jobs run from now on: a warm worker on this machine (local, "
+                             "the default) or an existing Ray cluster (ray); kept as a workspace setting")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --executor ray: the cluster's address (or auto for the one on this machine)")
+
+
+def _choose_executor(db, args: argparse.Namespace) -> None:
+    from core import jobs
+
+    if args.executor is not None:
+        jobs.set_executor(db, args.executor, ray_address=args.ray_address)
+    elif args.ray_address is not None:
+        raise LoupeError("--ray-address goes with --executor ray.")
 
 
 def _read_new_password(args: argparse.Namespace) -> str | None:
@@ -94,8 +121,9 @@ def _import(args: argparse.Namespace) -> int:
     ws = open_workspace(args.workspace)
     db = connect(ws)
     # In a terminal a relative path means the current folder, as in any other command.
-    items = ingest.items_from_path(os.path.abspath(os.path.expanduser(args.source)))
-    outcomes = ingest.ingest_items(ws, db, items, who=args.who)
+    actor = cli_actor()
+    items = ingest.items_from_path(os.path.abspath(os.path.expanduser(args.source)), actor=actor, roots=None)
+    outcomes = ingest.ingest_items(ws, db, items, actor=actor, source="command line")
     for outcome in outcomes:
         if outcome.status in ("rejected", "conflict", "skipped"):
             print(f"{outcome.status} {outcome.name}: {outcome.reason}", file=sys.stderr)
@@ -110,7 +138,8 @@ def _train(args: argparse.Namespace) -> int:
 
     ws = open_workspace(args.workspace)
     db = connect(ws)
-    run_id = jobs.create_run(ws, db, PRESETS[args.preset])
+    _choose_executor(db, args)
+    run_id = jobs.create_run(ws, db, PRESETS[args.preset], actor=cli_actor())
     jobs.start_next_queued(ws, db)
     run = _follow_run(ws, db, run_id)
     metrics = run["metrics"] or {}
@@ -159,7 +188,7 @@ def _export(args: argparse.Namespace) -> int:
     from core.workspace import connect, open_workspace
 
     ws = open_workspace(args.workspace)
-    report = export_run(ws, connect(ws), args.out, run_id=args.run, int8=args.int8)
+    report = export_run(ws, connect(ws), args.out, run_id=args.run, int8=args.int8, actor=cli_actor())
     checks = report.checks
     print(f"bundle: {report.path}")
     print(f"run_id: {report.run_id}")
@@ -218,7 +247,7 @@ def _backup(args: argparse.Namespace) -> int:
     from core.backup import backup_workspace
     from core.workspace import Workspace
 
-    for name, value in backup_workspace(Workspace(Path(args.workspace)), args.out).items():
+    for name, value in backup_workspace(Workspace(Path(args.workspace)), args.out, actor=cli_actor()).items():
         print(f"{name}: {value}")
     return 0
 
@@ -226,7 +255,7 @@ def _backup(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from core.backup import restore_workspace
 
-    for name, value in restore_workspace(args.backup, args.workspace).items():
+    for name, value in restore_workspace(args.backup, args.workspace, actor=cli_actor()).items():
         print(f"{name}: {value}")
     return 0
 
@@ -249,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require sign-in on 127.0.0.1 too (behind a reverse proxy on this machine)")
     serve.add_argument("--no-sign-in", action="store_true",
                        help="listen on a public address without sign-in (everyone can do everything)")
+    _executor_arguments(serve)
     serve.add_argument("--import-root", action="append", type=Path, metavar="FOLDER",
                        help="a folder the app may import images from (repeatable; "
                             "default: your home folder on 127.0.0.1, none on a public address)")
@@ -278,11 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = command("import", _import, "import an ImageFolder tree, a .zip of one, or a `path label` list file")
     imp.add_argument("source", help="a folder (root/<class>/<image>), a .zip, or a list file of `path label` lines")
-    imp.add_argument("--who", default="import", help="name recorded with the labels")
 
     train = command("train", _train, "train a classifier on the labelled images and print its validation figures")
     train.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                        help=" ".join(PRESET_DESCRIPTIONS.get(name, "") for name in PRESETS))
+    _executor_arguments(train)
 
     export = command("export", _export, "export a run's model as a verified ONNX bundle (.zip)")
     export.add_argument("--out", required=True, help="the bundle file to write, e.g. model.zip")

@@ -3,6 +3,8 @@
 Layout: `<split>/<class>/<file>` for labelled images and `<file>` at the top for unlabelled
 ones, so importing the zip into Loupe (`core.ingest.items_from_zip`) rebuilds the same images,
 labels and splits. Excluded images stay in the tree and are marked in `manifest.csv`.
+
+Exporting is `export_dataset` (labellers, reviewers, admins) and is recorded in the audit log.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Callable
 
 from sqlite_utils import Database
 
+from core import audit
+from core.auth import Actor, authorize
 from core.errors import LoupeError
 from core.workspace import Workspace, atomic_file
 
@@ -82,12 +86,18 @@ def label_history_rows(db: Database) -> list[dict]:
 
 
 def export_dataset(
-    ws: Workspace, db: Database, out_path: str | Path, *, on_progress: Callable[[int, int], None] | None = None
+    ws: Workspace,
+    db: Database,
+    out_path: str | Path,
+    *,
+    actor: Actor,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     """Write the dataset zip atomically; returns counts (images, labelled, excluded, bytes).
 
     `on_progress(images_written, images)` after each image; an exception it raises stops the export
     and leaves no zip behind."""
+    authorize(actor, "export_dataset")
     out_path = Path(out_path)
     rows = _catalog_rows(db)
     history = label_history_rows(db)
@@ -107,6 +117,7 @@ def export_dataset(
         archive.writestr(MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest), zipfile.ZIP_DEFLATED)
         history_columns = ["event", "sha256", "original_name", "old_label", "new_label", "who", "at", "reason"]
         archive.writestr(LABEL_HISTORY, _csv_bytes(history_columns, history), zipfile.ZIP_DEFLATED)
+    audit.record_export(db, actor, kind="dataset")
     return {
         "images": len(rows),
         "labelled": sum(r["label"] is not None for r in rows),

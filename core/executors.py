@@ -3,23 +3,24 @@
 An executor trains and embeds; the worker that holds it reads the inputs from the workspace and
 alone writes the results back to the workspace and the catalog. Exports, dataset exports and
 backups write the workspace's own files, so they run in the worker whichever the executor.
-`make_executor` gives the one the workspace's settings name (see core.jobs.set_executor).
+`core.worker.make_executor` gives the one the workspace's settings name (see core.jobs.set_executor).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 from sqlite_utils import Database
 
+from core.backbones import Preprocessing
 from core.config import TrainConfig
 from core.embeddings import EmbeddableItem, EmbeddingCache, cache_key, embed_images
-from core.errors import LoupeError
 from core.selection import TrainDataset
-from core.training import Reporter, TrainResult, train
+from core.training import Reporter, TrainResult, resolve_device, train
 
 # Vectors kept in the worker's memory between jobs: about 330 MB of Lite0's 1280 floats.
 WARM_VECTORS = 64_000
@@ -38,13 +39,15 @@ class Executor(Protocol):
     def embed(
         self,
         job_id: int,
-        backbone: str,
+        config: TrainConfig,
+        preprocessing: Preprocessing,
         items: Sequence[EmbeddableItem],
         cache: EmbeddingCache,
         progress: Callable[[int, int], None],
     ) -> int:
-        """Compute and cache the vectors of `items` the cache lacks; how many were computed.
-        `progress(done, total)` after each batch; an exception it raises stops the work."""
+        """Compute and cache the vectors of `items` the cache lacks, by `config`'s backbone on its device
+        through `preprocessing`; how many were computed. `progress(done, total)` after each batch; an
+        exception it raises stops the work."""
 
     def close(self) -> None: ...
 
@@ -97,34 +100,23 @@ class LocalExecutor:
     def embed(
         self,
         job_id: int,
-        backbone: str,
+        config: TrainConfig,
+        preprocessing: Preprocessing,
         items: Sequence[EmbeddableItem],
         cache: EmbeddingCache,
         progress: Callable[[int, int], None],
     ) -> int:
-        missing = _missing(cache, backbone, items)
-        embed_images(cache, backbone, missing, progress)
+        key = cache_key(config.backbone, config.weights_path, preprocessing)
+        missing = missing_items(cache, key, items)
+        embed_images(cache, config.backbone, missing, progress, config.weights_path,
+                     resolve_device(config.device), preprocessing)
         return len(missing)
 
     def close(self) -> None:
         pass
 
 
-def _missing(cache: EmbeddingCache, backbone: str, items: Sequence[EmbeddableItem]) -> list[EmbeddableItem]:
-    known = cache.get_many(cache_key(backbone), [item.sha256 for item in items])
+def missing_items(cache: EmbeddingCache, key: str, items: Sequence[EmbeddableItem]) -> list[EmbeddableItem]:
+    """The items (one per sha256) whose embedding under the cache key `key` the cache lacks."""
+    known = cache.get_many(key, [item.sha256 for item in items])
     return list({item.sha256: item for item in items if item.sha256 not in known}.values())
-
-
-def make_executor(name: str, ray_address: str | None = None) -> Executor:
-    """The executor `name` (core.jobs.EXECUTORS); the ray one connects to the cluster at `ray_address`."""
-    if name == "local":
-        return LocalExecutor()
-    if name == "ray":
-        try:
-            from core.executor_ray import RayExecutor
-        except ImportError:
-            raise LoupeError(
-                "The ray executor needs Ray on this machine: pip install -e \".[ray]\" (or choose --executor local)."
-            ) from None
-        return RayExecutor(ray_address)
-    raise LoupeError(f"Unknown executor {name!r}: use local or ray.")

@@ -71,3 +71,11 @@ def overlay(image_rgb: Image.Image, heatmap: np.ndarray, opacity: float = 0.5) -
         raise LoupeError("The heat map does not match the image's size.")
     base = np.asarray(image_rgb.convert("RGB"), dtype=np.float32) / 255.0
     return Image.fromarray(show_cam_on_image(base, heatmap, use_rgb=True, image_weight=1.0 - float(opacity)))
+
+
+def display_overlay(image_rgb: Image.Image, heatmap: np.ndarray, *, side: int, opacity: float = 0.5) -> Image.Image:
+    """The heat map over a copy of the image shrunk to fit `side` pixels: what a page shows."""
+    shown = image_rgb.copy()
+    shown.thumbnail((side, side))
+    small = np.asarray(Image.fromarray(heatmap).resize(shown.size, Image.BILINEAR), dtype=np.float32)
+    return overlay(shown, np.clip(small, 0.0, 1.0), opacity)

@@ -29,7 +29,8 @@ from PIL import Image
 from sqlite_utils import Database
 from torch import nn
 
-from core import bundle_predict, catalog, images, jobs, metrics, model_card
+from core import audit, bundle_predict, catalog, images, jobs, metrics, model_card
+from core.auth import Actor, authorize
 from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
@@ -399,12 +400,16 @@ def export_run(
     run_id: int | None = None,
     int8: bool = False,
     on_step: Callable[[str], None] | None = None,
+    *,
+    actor: Actor,
 ) -> ExportReport:
-    """Export a succeeded run (the current model by default) to a verified bundle at `out_path`.
+    """Export a succeeded run (the current model by default) to a verified bundle at `out_path`,
+    as `actor` (whose role must allow `export_model`; the export is audited).
 
     The bundle is written only after every check passed; a failed check raises LoupeError and
     leaves `out_path` untouched.
     """
+    authorize(actor, "export_model")
     step = on_step or (lambda message: None)
     out_path = Path(out_path)
     run = exportable_run(db, run_id)
@@ -480,6 +485,7 @@ def export_run(
         IMAGES_MODULE: images_module(),
     }
     _write_zip_atomically(out_path, members)
+    audit.record_export(db, actor, kind="model", run_id=run_id)
     return ExportReport(
         run_id=run_id,
         path=out_path,

@@ -3,6 +3,11 @@
 Every file is decided on its own and reported (added / duplicate / conflict / rejected / skipped, with
 the reason); one bad file never stops a batch. A catalog row is only committed once the files it points
 to are synced to disk, so a crash leaves at worst files without rows, which the next start-up sweeps.
+
+Importing is `upload` (labellers and admins), which covers the labels, classes and pinned splits an
+import brings for the images it adds; a path on the server's own disk is also `import_server_disk`
+(admins) and must lie below the folders the server imports from (`items_from_path`'s `roots`). Each
+import leaves one entry in the audit log, with its counts.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import BinaryIO, Callable, Iterable
 
 from sqlite_utils import Database
 
-from core import catalog
+from core import audit, catalog
+from core.auth import Actor, authorize, check_import_path
 from core.errors import LoupeError
 from core.images import ALLOWED_FORMATS, MAX_FILE_BYTES, decode_image, thumbnail_jpeg
 from core.workspace import (
@@ -115,8 +121,8 @@ class _Batch:
     then their folders, then commits all its rows in one transaction.
     """
 
-    def __init__(self, ws: Workspace, db: Database, who: str) -> None:
-        self.ws, self.db, self.who = ws, db, who
+    def __init__(self, ws: Workspace, db: Database, actor: Actor) -> None:
+        self.ws, self.db, self.actor = ws, db, actor
         self.pending: list[_Pending] = []
 
     def __len__(self) -> int:
@@ -155,18 +161,16 @@ class _Batch:
         self.pending.clear()
 
     def _insert(self, p: _Pending) -> None:
-        image_id = catalog.insert_new_image(self.db, p.row)
+        image_id = catalog.insert_new_image(self.db, p.row, actor=self.actor, split=p.split)
         if image_id is None:
             # Another import stored the same bytes since this one looked: a duplicate after all.
             existing = catalog.find_image_by_sha256(self.db, p.row["sha256"])
-            settled = _settle_duplicate(self.db, p.outcome.name, existing["id"], p.label, self.who)
+            settled = _settle_duplicate(self.db, p.outcome.name, existing["id"], p.label, self.actor)
             p.outcome.status, p.outcome.image_id, p.outcome.reason = settled.status, settled.image_id, settled.reason
             return
         p.outcome.image_id = image_id
-        if p.split:
-            catalog.pin_split(self.db, image_id, p.split)
         if p.label:
-            catalog.set_label(self.db, image_id, p.label, self.who)
+            catalog.label_imported_image(self.db, image_id, p.label, actor=self.actor)
 
     def discard(self) -> None:
         for p in self.pending:
@@ -181,13 +185,13 @@ def _remove_unless_catalogued(db: Database, pending: _Pending) -> None:
             path.unlink(missing_ok=True)
 
 
-def _settle_duplicate(db: Database, name: str, image_id: int, label: str | None, who: str) -> IngestOutcome:
+def _settle_duplicate(db: Database, name: str, image_id: int, label: str | None, actor: Actor) -> IngestOutcome:
     """A copy of catalog image #image_id: it may label the image, or disagree with its label."""
     current = catalog.get_image(db, image_id)["label"]
     if label and current is None:
-        catalog.set_label(db, image_id, label, who)
+        catalog.label_imported_image(db, image_id, label, actor=actor)
     elif label and label != current:
-        catalog.add_import_conflict(db, image_id, label, source_name=name)
+        catalog.add_import_conflict(db, image_id, label, source_name=name, actor=actor)
         return IngestOutcome(
             name, "conflict", image_id, f"duplicate of #{image_id}, labelled {current}; this copy says {label}"
         )
@@ -201,18 +205,23 @@ def ingest_bytes(
     original_name: str,
     label: str | None = None,
     split: str | None = None,
-    who: str = "import",
     *,
+    actor: Actor,
     batch: _Batch | None = None,
 ) -> IngestOutcome:
-    """Decide one file. Without a `batch` its row is committed before this returns; with one, when the
-    batch commits (the outcome's image_id is filled in then)."""
+    """Decide one file. Without a `batch` its row is committed before this returns (one audited
+    upload); with one, when the batch commits (the outcome's image_id is filled in then)."""
+    authorize(actor, "upload")
     if batch is None:
-        with workspace_writes(ws), import_lock(ws), _Batch(ws, db, who) as own:
-            return ingest_bytes(ws, db, data, original_name, label, split, who, batch=own)
+        with workspace_writes(ws), import_lock(ws), _Batch(ws, db, actor) as own:
+            outcome = ingest_bytes(ws, db, data, original_name, label, split, actor=actor, batch=own)
+        audit.record_import(db, actor, source="upload", counts=summarise([outcome]))
+        return outcome
     name = clean_original_name(original_name)
     try:
         label = catalog.clean_class_name(label) if label else None
+        if label:
+            catalog.check_labelling_class(db, label, actor=actor)
     except LoupeError as exc:
         return IngestOutcome(name, "rejected", reason=f"its folder cannot be a class: {exc}")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -222,7 +231,7 @@ def ingest_bytes(
     if existing:
         # A label is read and written at once: another import may be labelling the same image.
         with catalog.write_transaction(db) if label else contextlib.nullcontext():
-            return _settle_duplicate(db, name, existing["id"], label, who)
+            return _settle_duplicate(db, name, existing["id"], label, actor)
     try:
         decoded = decode_image(data, budget_bytes=catalog.decode_budget_bytes(db))
     except LoupeError as exc:
@@ -264,28 +273,35 @@ def ingest_items(
     db: Database,
     items: Iterable[ImportItem],
     *,
-    who: str = "import",
+    actor: Actor,
+    source: str,
     on_progress: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> list[IngestOutcome]:
     """Import each item in turn; `on_progress(done)` after each. Setting `cancel` stops before the next
-    item: what was imported stays, and the outcomes so far are returned."""
+    item: what was imported stays, and the outcomes so far are returned. `source` says where the items
+    came from in the audit log ("upload", "zip", "server disk", "command line")."""
+    authorize(actor, "upload")
     if ws.read_only:
         raise LoupeError(read_only_message(ws))
     outcomes = []
-    with workspace_writes(ws), import_lock(ws), _Batch(ws, db, who) as batch:
-        for done, item in enumerate(items, start=1):
-            if cancel is not None and cancel.is_set():
-                break
-            outcomes.append(_ingest_item(ws, db, item, who, batch))
-            if len(batch) >= SYNC_BATCH:
-                batch.commit()
-            if on_progress:
-                on_progress(done)
+    try:
+        with workspace_writes(ws), import_lock(ws), _Batch(ws, db, actor) as batch:
+            for done, item in enumerate(items, start=1):
+                if cancel is not None and cancel.is_set():
+                    break
+                outcomes.append(_ingest_item(ws, db, item, actor, batch))
+                if len(batch) >= SYNC_BATCH:
+                    batch.commit()
+                if on_progress:
+                    on_progress(done)
+    finally:
+        # An interrupted import is still recorded, with what it had decided.
+        audit.record_import(db, actor, source=source, counts=summarise(outcomes))
     return outcomes
 
 
-def _ingest_item(ws: Workspace, db: Database, item: ImportItem, who: str, batch: _Batch) -> IngestOutcome:
+def _ingest_item(ws: Workspace, db: Database, item: ImportItem, actor: Actor, batch: _Batch) -> IngestOutcome:
     name = clean_original_name(item.name)
     if item.verdict:
         return IngestOutcome(name, item.verdict, reason=item.reason)
@@ -294,23 +310,24 @@ def _ingest_item(ws: Workspace, db: Database, item: ImportItem, who: str, batch:
     except OSError as exc:
         # strerror only: the full message would show the server's path to the file.
         return IngestOutcome(name, "rejected", reason=f"cannot read: {exc.strerror or exc}")
-    return ingest_bytes(ws, db, data, item.name, item.label, item.split, who, batch=batch)
+    return ingest_bytes(ws, db, data, item.name, item.label, item.split, actor=actor, batch=batch)
 
 
 def is_zip(data: bytes) -> bool:
     return data[:4] in ZIP_MAGIC
 
 
-def ingest_upload(ws: Workspace, db: Database, name: str, data: bytes, who: str = "import") -> list[IngestOutcome]:
+def ingest_upload(ws: Workspace, db: Database, name: str, data: bytes, *, actor: Actor) -> list[IngestOutcome]:
     """One file from the browser: a zip (by its content, whatever its name) is unpacked and each entry
     decided on its own."""
+    authorize(actor, "upload")
     if not is_zip(data) and not name.lower().endswith(".zip"):
-        return ingest_items(ws, db, [ImportItem(name, lambda: data)], who=who)
+        return ingest_items(ws, db, [ImportItem(name, lambda: data)], actor=actor, source="upload")
     try:
         items = items_from_zip(data)
     except LoupeError as exc:
         return [IngestOutcome(clean_original_name(name), "rejected", reason=str(exc))]
-    return ingest_items(ws, db, items, who=who)
+    return ingest_items(ws, db, items, actor=actor, source="zip")
 
 
 def summarise(outcomes: Iterable[IngestOutcome]) -> dict[str, int]:
@@ -503,8 +520,11 @@ def items_from_zip(source: bytes | Path) -> list[ImportItem]:
     return items
 
 
-def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
-    """`path label` lines (paths relative to the list file); blank lines and # comments skipped."""
+def items_from_list_file(list_path: str | Path, *, roots: Iterable[str | Path] | None = None) -> list[ImportItem]:
+    """`path label` lines (paths relative to the list file); blank lines and # comments skipped.
+
+    With `roots`, a listed file that does not lie below one of them is rejected unread."""
+    roots = None if roots is None else list(roots)
     list_path = Path(list_path)
     try:
         if list_path.stat().st_size > MAX_LIST_FILE_BYTES:
@@ -524,6 +544,12 @@ def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
             # Never quote the line: the "list file" may be any file on the server.
             raise LoupeError(f"{list_path.name}: line {number} is not `path label`.")
         path = (list_path.parent / fields[0]).resolve()
+        if roots is not None:
+            try:
+                check_import_path(path, roots)
+            except LoupeError as exc:
+                items.append(ImportItem(path.name, verdict="rejected", reason=str(exc)))
+                continue
         items.append(ImportItem(path.name, _bounded_reader(path), fields[1]))
     return items
 
@@ -531,17 +557,25 @@ def items_from_list_file(list_path: str | Path) -> list[ImportItem]:
 def items_from_path(
     path: str | Path,
     *,
+    actor: Actor,
+    roots: Iterable[str | Path] | None,
     on_progress: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> list[ImportItem]:
     """A server-side source, by its full path: a folder in ImageFolder layout, a .zip (known by its
-    content), or a list file of `path label` lines."""
-    path = _absolute_source(path)
+    content), or a list file of `path label` lines.
+
+    The path is resolved and must lie below one of `roots` (the folders the server imports from, see
+    `core.serve.import_roots`), and so must every file a list names. `roots=None` lifts that limit: only
+    for the `loupe` command, run by the machine's own user, who can read those files anyway."""
+    authorize(actor, "import_server_disk")
+    roots = None if roots is None else list(roots)
+    path = _absolute_source(path) if roots is None else check_import_path(_absolute_source(path), roots)
     if path.is_file():
         try:
             with open(path, "rb") as f:
                 magic = f.read(4)
         except OSError as exc:
             raise LoupeError(f"Cannot read {path}: {exc.strerror}.") from None
-        return items_from_zip(path) if is_zip(magic) else items_from_list_file(path)
+        return items_from_zip(path) if is_zip(magic) else items_from_list_file(path, roots=roots)
     return items_from_folder(path, on_progress=on_progress, cancel=cancel)

@@ -30,12 +30,13 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from core import catalog
+from core import audit, catalog
+from core.auth import Actor
 from core.catalog import now, write_transaction
-from core.config import ResolvedConfig, TrainConfig
+from core.config import ResolvedConfig, TrainConfig, authorize_run
 from core.errors import LoupeError
 from core.selection import check_trainable, dataset_from_catalog
-from core.workspace import Workspace, connect
+from core.workspace import Workspace
 
 
 class RunStatus(StrEnum):
@@ -212,9 +213,13 @@ def _seconds_since(value: str | None) -> float:
 # ---------------------------------------------------------------- creating and snapshotting
 
 
-def create_run(ws: Workspace, db: Database, config: TrainConfig) -> int:
-    """Queue a run on the labelled images as they are now; refuses (LoupeError) what cannot train."""
-    config.validate()
+def create_run(
+    ws: Workspace, db: Database, config: TrainConfig, *, actor: Actor, import_roots: list[str | Path] | tuple = ()
+) -> int:
+    """Queue a run on the labelled images as they are now, as `actor`; refuses (LoupeError) what cannot
+    train or what the actor may not ask for (see `core.config.authorize_run`: a weights file must lie in
+    the workspace or one of `import_roots`)."""
+    authorize_run(config, actor=actor, allowed_roots=[ws.root, *import_roots])
     dataset = dataset_from_catalog(ws, db)
     check_trainable(dataset)
     class_ids = {row["name"]: row["id"] for row in catalog.list_classes(db, include_archived=True)}
@@ -231,6 +236,7 @@ def create_run(ws: Workspace, db: Database, config: TrainConfig) -> int:
                 if item.label is not None
             ],
         )
+        audit.record_run(db, actor, run_id=run_id, event="started")
     return run_id
 
 
@@ -295,17 +301,21 @@ def live_workers(db: Database, stale_after: float = HEARTBEAT_STALE_SECONDS) -> 
 
 def start_next_queued(ws: Workspace, db: Database) -> int | None:
     """Make sure a worker takes the queued jobs: start one when jobs wait and none is alive; its pid."""
-    if ws.read_only:
+    # Pages call this on every refresh: a plain read first, the write lock only when a job waits.
+    if ws.read_only or not _job_waiting(db):
         return None
     with write_transaction(db):
-        queued = db.execute("SELECT count(*) FROM runs WHERE status = ?", [str(RunStatus.QUEUED)]).fetchone()[0]
-        if not queued or live_workers(db):
+        if not _job_waiting(db) or live_workers(db):
             return None
         process = launch_worker(ws)
         # Registered before it boots, in the same transaction, so nobody starts a second one meanwhile.
         executor, _ = executor_settings(db)
         register_worker(db, process.pid, executor, at=now())
     return process.pid
+
+
+def _job_waiting(db: Database) -> bool:
+    return db.execute("SELECT 1 FROM runs WHERE status = ? LIMIT 1", [str(RunStatus.QUEUED)]).fetchone() is not None
 
 
 def register_worker(db: Database, pid: int, executor: str, *, at: str | None = None) -> None:
@@ -325,9 +335,7 @@ def retire_worker(db: Database, pid: int, *, only_when_idle: bool) -> bool:
     starts one, so no job is left waiting for a worker that is leaving.
     """
     with write_transaction(db):
-        if only_when_idle and db.execute(
-            "SELECT 1 FROM runs WHERE status = ? LIMIT 1", [str(RunStatus.QUEUED)]
-        ).fetchone():
+        if only_when_idle and _job_waiting(db):
             return False
         db.execute("DELETE FROM workers WHERE pid = ?", [pid])
     return True
@@ -518,6 +526,16 @@ def reap(
             settled.append(run["id"])
     start_next_queued(ws, db)
     return settled
+
+
+def stop_workers(db: Database) -> list[int]:
+    """Kill every worker of the workspace and what it started (a running job fails as crashed); their pids."""
+    pids = {row["pid"] for row in db.query("SELECT pid FROM workers")}
+    pids |= {job["pid"] for job in active_jobs(db) if job["pid"]}
+    for pid in pids:
+        _kill_group(pid)
+    db.execute("DELETE FROM workers")
+    return sorted(pids)
 
 
 def _kill_group(pid: int | None) -> None:

@@ -218,13 +218,13 @@ def bootstrap_scores(
     }
     for counts in _resampled_counts(n, resamples, seed):
         support, predicted_count, right = counts @ is_label, counts @ is_predicted, counts @ is_right
-        f1 = _ratio(2 * right, support + predicted_count, 0.0)
+        f1 = _ratio(2 * right, support + predicted_count, np.nan)
         parts["accuracy"].append(right.sum(axis=1) / n)
-        parts["macro_f1"].append(f1.mean(axis=1))
-        parts["weighted_f1"].append((f1 * support).sum(axis=1) / n)
+        parts["macro_f1"].append(np.nan_to_num(f1).mean(axis=1))
+        parts["weighted_f1"].append((np.nan_to_num(f1) * support).sum(axis=1) / n)
         parts["precision"].append(_ratio(right, predicted_count, np.nan))
         parts["recall"].append(_ratio(right, support, np.nan))
-        parts["f1"].append(_ratio(2 * right, support + predicted_count, np.nan))
+        parts["f1"].append(f1)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 

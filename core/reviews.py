@@ -1,7 +1,8 @@
 """Expert review decisions on images: confirm, relabel, ambiguous, exclude, include, comment.
 
-Each decision is a new `reviews` row (never overwritten); relabels go through `catalog.set_label`
-so the label history keeps them too.
+Each decision is a new `reviews` row (never overwritten), attributed to the acting reviewer and
+recorded in the audit log; relabels go through `catalog.relabel_from_review` so the label history
+keeps them too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from typing import Iterable
 
 from sqlite_utils import Database
 
-from core.catalog import clean_class_name, get_image, now, require_class, set_label, write_transaction
+from core import audit
+from core.auth import Actor, authorize
+from core.catalog import (
+    apply_event_once, clean_class_name, get_image, now, relabel_from_review, require_class, write_transaction,
+)
 from core.errors import LoupeError
 
 REVIEW_DECISIONS = ("confirm", "relabel", "ambiguous", "exclude", "include", "comment")
@@ -20,8 +25,9 @@ REVIEW_FILTERS = ("all", "unreviewed", "mine", "disagreements", "excluded")
 def record_review(
     db: Database,
     image_id: int,
-    reviewer: str,
     decision: str,
+    *,
+    actor: Actor,
     class_name: str | None = None,
     comment: str | None = None,
 ) -> int:
@@ -31,9 +37,9 @@ def record_review(
     the label confirmed; `exclude` leaves the image out of training from the next run, `include`
     takes it back.
     """
+    authorize(actor, "review")
     if decision not in REVIEW_DECISIONS:
         raise LoupeError(f"Unknown review decision {decision!r}: use one of {', '.join(REVIEW_DECISIONS)}.")
-    reviewer = (reviewer or "").strip() or "anonymous"
     comment = (comment or "").strip() or None
     if decision == "comment" and not comment:
         raise LoupeError("Write a comment before saving it.")
@@ -43,7 +49,7 @@ def record_review(
         image = get_image(db, image_id)
         class_id = None
         if decision == "relabel":
-            set_label(db, image_id, class_name, reviewer)
+            relabel_from_review(db, image_id, class_name, actor=actor)
             class_id = require_class(db, clean_class_name(class_name))["id"]
         elif decision == "confirm":
             if image["label"] is None:
@@ -51,11 +57,38 @@ def record_review(
             class_id = require_class(db, image["label"])["id"]
         elif decision in ("exclude", "include"):
             db.execute("UPDATE images SET excluded = ? WHERE id = ?", [int(decision == "exclude"), image_id])
-        return db.execute(
+        review_id = db.execute(
             "INSERT INTO reviews (image_id, reviewer, decision, class_id, comment, at) VALUES (?, ?, ?, ?, ?, ?)",
-            [image_id, reviewer, decision, class_id, comment, now()],
+            [image_id, actor.name, decision, class_id, comment, now()],
         ).lastrowid
+        audit.record_review(db, actor, image_id=image_id, decision=decision,
+                            class_name=class_name if decision == "relabel" else image["label"])
+    return review_id
 
+
+
+def apply_review_event(
+    db: Database,
+    event_id: str,
+    image_id: int,
+    decision: str,
+    *,
+    actor: Actor,
+    class_name: str | None = None,
+    comment: str | None = None,
+) -> dict:
+    """`record_review` once per browser `event_id`, however often the event arrives.
+
+    Returns the event's record (`error` says why it was refused, `fresh` is true only for the call
+    that applied it); a role that may not review is refused (LoupeError) before anything is recorded.
+    """
+    authorize(actor, "review")
+
+    def review() -> int:
+        record_review(db, image_id, decision, actor=actor, class_name=class_name, comment=comment)
+        return image_id
+
+    return apply_event_once(db, event_id, actor.name, review)
 
 def review_history(db: Database, image_id: int) -> list[dict]:
     """Every review decision on the image, oldest first, with the class it named."""

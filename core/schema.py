@@ -240,5 +240,24 @@ def add_job_kinds_and_workers(db: Database) -> None:
     )
 
 
+@migrations()
+def add_split_changes(db: Database) -> None:
+    # A rebalance moves images between splits without touching their labels: each move is kept
+    # here (who, when, from where to where) rather than in label_events.
+    db.executescript(
+        """
+        CREATE TABLE split_changes (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            old_split TEXT NOT NULL,
+            new_split TEXT NOT NULL,
+            who TEXT NOT NULL,
+            at TEXT NOT NULL
+        );
+        CREATE INDEX split_changes_image ON split_changes(image_id);
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

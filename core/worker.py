@@ -29,19 +29,20 @@ import numpy as np
 from sqlite_utils import Database
 
 from core import jobs, selection
-from core.backbones import configure_threads
+from core.auth import ADMIN, Actor
+from core.backbones import configure_threads, get_spec
 from core.backup import backup_workspace
 from core.catalog import now
 from core.checkpoints import run_checkpoint_path, save_checkpoint
-from core.config import DEFAULT_BACKBONE, TrainConfig
+from core.config import TrainConfig
 from core.dataset_export import export_dataset
 from core.embeddings import EmbeddingCache
 from core.errors import LoupeError
-from core.executors import Executor, WarmEmbeddingCache, WarmVectors, make_executor
+from core.executors import Executor, LocalExecutor, WarmEmbeddingCache, WarmVectors
 from core.export import export_run
 from core.jobs import JobCancelled, JobKind, RunStatus
 from core.metrics import EVALUATION_SPLITS, run_figures
-from core.training import EpochMetrics, Progress, TrainingCancelled
+from core.training import EpochMetrics, Progress, TrainingCancelled, choose_image_size
 from core.workspace import Workspace, connect, open_workspace
 
 HEARTBEAT_SECONDS = 2.0
@@ -176,21 +177,30 @@ def execute_run(ws: Workspace, db: Database, run_id: int, reporter: CatalogRepor
 
 def execute_embed(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, *, executor: Executor,
                   cache: EmbeddingCache) -> dict:
-    """Cache the backbone's features of every image in the catalog, so later runs start from them."""
-    backbone = jobs.get_run(db, job_id)["params"].get("backbone", DEFAULT_BACKBONE)
+    """Cache the features of every image in the catalog as the next run with the job's config will use
+    them (its backbone, at the input size it would choose), so that run starts from them."""
+    config = TrainConfig.from_dict(jobs.get_run(db, job_id)["params"].get("config") or {})
+    preprocessing = get_spec(config.backbone).preprocessing_for(
+        choose_image_size(config, selection.dataset_from_catalog(ws, db))
+    )
     items = [
         selection.TrainItem(row["id"], row["sha256"], ws.root / row["path"], None, selection.UNLABELLED_SPLIT)
         for row in db.query("SELECT id, sha256, path FROM images WHERE excluded = 0 ORDER BY id")
     ]
-    computed = executor.embed(job_id, backbone, items, cache, reporter.counter("embedding"))
-    return {"backbone": backbone, "images": len(items), "computed": computed}
+    computed = executor.embed(job_id, config, preprocessing, items, cache, reporter.counter("embedding"))
+    return {"backbone": config.backbone, "input_size": preprocessing.input_size, "images": len(items),
+            "computed": computed}
+
+
+# The worker is the machine's own process, like the `loupe` command: it runs the jobs already queued.
+WORKER_ACTOR = Actor("worker", ADMIN)
 
 
 def execute_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
     params = jobs.get_run(db, job_id)["params"]
     out = ws.root / "exports" / f"loupe-model-run-{int(params['run_id'])}.zip"
     report = export_run(ws, db, out, run_id=int(params["run_id"]), int8=bool(params.get("int8")),
-                        on_step=reporter.step)
+                        on_step=reporter.step, actor=WORKER_ACTOR)
     return export_result(report)
 
 
@@ -201,13 +211,13 @@ def export_result(report) -> dict:
 
 def execute_dataset_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
     out = ws.root / "exports" / "loupe-dataset.zip"
-    return {"path": str(out), **export_dataset(ws, db, out, on_progress=reporter.counter("writing images"))}
+    return {"path": str(out), **export_dataset(ws, db, out, actor=WORKER_ACTOR, on_progress=reporter.counter("writing images"))}
 
 
 def execute_backup(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = ws.root / "backups" / f"loupe-backup-{stamp}-{job_id}.zip"
-    return {"path": str(out), **backup_workspace(ws, out, on_progress=reporter.counter("writing files"))}
+    return {"path": str(out), **backup_workspace(ws, out, actor=WORKER_ACTOR, on_progress=reporter.counter("writing files"))}
 
 
 JOBS_BY_KIND = {
@@ -216,6 +226,21 @@ JOBS_BY_KIND = {
     JobKind.DATASET_EXPORT: execute_dataset_export,
     JobKind.BACKUP: execute_backup,
 }
+
+
+def make_executor(name: str, ray_address: str | None = None) -> Executor:
+    """The executor `name` (core.jobs.EXECUTORS); the ray one connects to the cluster at `ray_address`."""
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        try:
+            from core.executor_ray import RayExecutor
+        except ImportError:
+            raise LoupeError(
+                "The ray executor needs Ray on this machine: pip install -e \".[ray]\" (or choose --executor local)."
+            ) from None
+        return RayExecutor(ray_address)
+    raise LoupeError(f"Unknown executor {name!r}: use local or ray.")
 
 
 def _error_text(exc: BaseException) -> str:

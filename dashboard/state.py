@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import re
 import secrets
@@ -40,8 +41,12 @@ IDENTITY_AUDITED_KEY = "loupe_identity_audited"
 NO_ACTOR_NAME = "anonymous"
 
 log = logging.getLogger("loupe.dashboard")
-# Every ASCII punctuation mark Markdown or Streamlit's own directives (:red[...], :material/x:) give a meaning.
-MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=])")
+# What Markdown, HTML, LaTeX or Streamlit's own directives (:red[...], :material/x:, :smile:) read anywhere
+# in a line; a colon only starts a directive when something follows it at once...
+INLINE_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>~$|&!])|(:)(?=\S)")
+# ...and what they read only at the start of a line: headings, lists, rules, numbered items.
+LINE_START_SPECIALS = re.compile(r"^([ \t]*)([#+=-])", re.MULTILINE)
+NUMBERED_ITEM = re.compile(r"^([ \t]*\d+)\.(?=\s|$)", re.MULTILINE)
 
 
 def mode() -> str:
@@ -221,8 +226,19 @@ def sidebar() -> None:
 
 
 def literal(text: str) -> str:
-    """`text` escaped so that Streamlit's Markdown shows it as typed: names and emails come from users."""
-    return MARKDOWN_SPECIALS.sub(r"\\\1", text)
+    """`text` escaped so that Streamlit's Markdown shows it as typed: names and emails come from users.
+
+    Only what Markdown would read is escaped, so a plain sentence stays as it is (and reads the same
+    in a test or a log)."""
+    escaped = INLINE_SPECIALS.sub(r"\\\g<0>", text)
+    escaped = LINE_START_SPECIALS.sub(r"\1\\\2", escaped)
+    return NUMBERED_ITEM.sub(r"\1\\.", escaped)
+
+
+def chart_text(text: object) -> str:
+    """`text` as a Plotly label or hover text shows it as typed: Plotly reads tags (<a href>, <b>) and
+    entities in them, so `<`, `>` and `&` are escaped."""
+    return html.escape(str(text), quote=False)
 
 
 def open_mode_warning() -> None:

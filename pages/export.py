@@ -1,16 +1,21 @@
-"""Export: a verified ONNX bundle of a run's model, the labelled dataset, and a backup of the workspace."""
+"""Export: a verified ONNX bundle of a run's model, the labelled dataset, and a backup of the workspace.
 
-from datetime import datetime, timezone
+Each is a job the worker runs (core.jobs): the page queues it, shows its progress while it runs,
+and its outcome once it finished, and never waits for it.
+"""
+
+from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import streamlit as st
 
 from core import jobs
-from core.backup import backup_workspace
-from core.dataset_export import export_dataset
-from core.errors import LoupeError
-from core.export import ExportReport, export_run
+from core.auth import can
+from core.export import ExportChecks, ExportReport, Int8Figures
 from dashboard import state
+
+LIVE_REFRESH_SECONDS = 1.0
 
 
 def megabytes(size: int) -> str:
@@ -76,6 +81,57 @@ def show_report(report: ExportReport) -> None:
     )
 
 
+def export_report(result: dict) -> ExportReport:
+    """The ExportReport an export job stored as its result."""
+    return ExportReport(**{
+        **result,
+        "path": Path(result["path"]),
+        "checks": ExportChecks(**result["checks"]),
+        "int8": Int8Figures(**result["int8"]) if result["int8"] else None,
+    })
+
+
+def queue(ws, db, kind: jobs.JobKind, params: dict | None = None) -> None:
+    job_id = jobs.create_job(db, kind, params)
+    jobs.start_next_queued(ws, db)
+    st.toast(f"{jobs.job_title(jobs.get_run(db, job_id))} queued.")
+
+
+def live_job(job_id: int) -> None:
+    """A running job's progress and its Cancel button; the whole page redraws once it finished."""
+    ws, db = state.workspace(), state.db()
+    jobs.reap(ws, db)
+    job = jobs.get_run(db, job_id)
+    if job["status"] in jobs.FINISHED_STATUSES:
+        st.rerun()
+    progress = job["progress"] or {}
+    if job["status"] == jobs.RunStatus.QUEUED:
+        text = f"{jobs.job_title(job)} is queued: it starts when the worker is free."
+    else:
+        text = f"{jobs.job_title(job)} {job['status']}" + (f" · {progress['phase']}" if progress else "")
+    st.progress(jobs.progress_fraction(progress), text=text)
+    if job["status"] in (jobs.RunStatus.QUEUED, jobs.RunStatus.RUNNING):
+        if st.button("Cancel", key=f"cancel_job_{job_id}"):
+            jobs.cancel(db, job_id)
+            st.rerun(scope="fragment")
+
+
+def job_panel(db, kind: jobs.JobKind, show_result: Callable[[dict], None]) -> None:
+    """The latest job of `kind`: live while it runs, then its result, its failure or its cancel."""
+    latest = jobs.list_jobs(db, kind, limit=1)
+    if not latest:
+        return
+    job = latest[0]
+    if job["status"] not in jobs.FINISHED_STATUSES:
+        st.fragment(run_every=LIVE_REFRESH_SECONDS)(live_job)(job["id"])
+    elif job["status"] == jobs.RunStatus.FAILED:
+        st.error(state.literal(f"{jobs.job_title(job)} failed: {job['error']}"))
+    elif job["status"] == jobs.RunStatus.CANCELLED:
+        st.warning(state.literal(f"{jobs.job_title(job)} was cancelled." + (f" {job['error']}" if job["error"] else "")))
+    elif Path(job["result"]["path"]).is_file():
+        show_result(job["result"])
+
+
 def model_section(ws, db) -> None:
     st.subheader("Model")
     runs = [run for run in jobs.list_runs(db) if run["status"] == jobs.RunStatus.SUCCEEDED]
@@ -87,28 +143,26 @@ def model_section(ws, db) -> None:
     chosen = st.selectbox(
         "Run", list(by_id), index=current, format_func=lambda i: run_label(by_id[i]), key="export_run"
     )
-    run = by_id[chosen]
     int8 = st.checkbox(
         "Also add an int8 model", key="export_int8",
         help="Quantised to 8-bit integers, calibrated on training images: smaller and usually faster on CPU. "
         "Its accuracy and speed against the full model go into the model card.",
     )
     if st.button("Export and verify", type="primary", key="export_model"):
-        st.session_state.pop("export_report", None)
-        with st.status(f"Exporting run #{run['id']}", expanded=True) as status:
-            out = ws.root / "exports" / f"loupe-model-run-{run['id']}.zip"
-            try:
-                st.session_state["export_report"] = export_run(
-                    ws, db, out, run_id=run["id"], int8=int8, on_step=status.write
-                )
-            except LoupeError as exc:
-                status.update(label=f"Run #{run['id']} was not exported", state="error", expanded=True)
-                st.error(str(exc))
-            else:
-                status.update(label=f"Run #{run['id']} exported and verified", state="complete", expanded=False)
-    report = st.session_state.get("export_report")
-    if report is not None and report.path.is_file():
-        show_report(report)
+        queue(ws, db, jobs.JobKind.EXPORT, {"run_id": chosen, "int8": int8})
+    job_panel(db, jobs.JobKind.EXPORT, lambda result: show_report(export_report(result)))
+
+
+def show_dataset(result: dict) -> None:
+    out = Path(result["path"])
+    st.write(
+        f"{result['images']} images ({result['labelled']} labelled, {result['excluded']} excluded), "
+        f"{result['label_events']} label changes: {megabytes(result['bytes'])}."
+    )
+    st.download_button(
+        "Download dataset", data=out.read_bytes(), file_name=out.name, mime="application/zip",
+        key="download_dataset", icon=":material/download:",
+    )
 
 
 def dataset_section(ws, db) -> None:
@@ -118,51 +172,39 @@ def dataset_section(ws, db) -> None:
         "sha256, label, split, who labelled it, review status, comments and the excluded mark, and the label history."
     )
     if st.button("Prepare dataset zip", key="export_dataset"):
-        out = ws.root / "exports" / "loupe-dataset.zip"
-        try:
-            st.session_state["dataset_export"] = (out, export_dataset(ws, db, out))
-        except LoupeError as exc:
-            st.error(str(exc))
-    if "dataset_export" in st.session_state:
-        out, counts = st.session_state["dataset_export"]
-        st.write(
-            f"{counts['images']} images ({counts['labelled']} labelled, {counts['excluded']} excluded), "
-            f"{counts['label_events']} label changes: {megabytes(counts['bytes'])}."
-        )
-        st.download_button(
-            "Download dataset", data=out.read_bytes(), file_name=out.name, mime="application/zip",
-            key="download_dataset", icon=":material/download:",
-        )
+        queue(ws, db, jobs.JobKind.DATASET_EXPORT)
+    job_panel(db, jobs.JobKind.DATASET_EXPORT, show_dataset)
 
 
-def backup_section(ws) -> None:
+def show_backup(result: dict) -> None:
+    out = Path(result["path"])
+    st.success(
+        f"Backed up {result['images']} images and {result['runs']} runs to `{out}` ({megabytes(result['bytes'])})."
+    )
+    st.download_button(
+        "Download backup", data=out.read_bytes(), file_name=out.name, mime="application/zip",
+        key="download_backup", icon=":material/download:",
+    )
+
+
+def backup_section(ws, db) -> None:
     st.subheader("Backup")
     st.caption(
         "A consistent snapshot of the catalog (taken safely while you label or a run trains), "
         "with every image, thumbnail and finished run. Restore it with `loupe restore FILE --workspace EMPTY_FOLDER`."
     )
     if st.button("Back up workspace", key="backup"):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        out = ws.root / "backups" / f"loupe-backup-{stamp}.zip"
-        try:
-            st.session_state["backup_result"] = (out, backup_workspace(ws, out))
-        except LoupeError as exc:
-            st.error(str(exc))
-    if "backup_result" in st.session_state:
-        out, counts = st.session_state["backup_result"]
-        st.success(
-            f"Backed up {counts['images']} images and {counts['runs']} runs to `{out}` ({megabytes(counts['bytes'])})."
-        )
-        st.download_button(
-            "Download backup", data=out.read_bytes(), file_name=out.name, mime="application/zip",
-            key="download_backup", icon=":material/download:",
-        )
+        queue(ws, db, jobs.JobKind.BACKUP)
+    job_panel(db, jobs.JobKind.BACKUP, show_backup)
 
 
 st.title("Export")
-ws, db = state.workspace(), state.db()
-model_section(ws, db)
-st.divider()
-dataset_section(ws, db)
-st.divider()
-backup_section(ws)
+ws, db, actor = state.workspace(), state.db(), state.actor()
+# Only what this role may do is offered.
+sections = [(action, section) for action, section in (
+    ("export_model", model_section), ("export_dataset", dataset_section), ("backup", backup_section),
+) if can(actor, action)]
+for number, (_, section) in enumerate(sections):
+    if number:
+        st.divider()
+    section(ws, db)

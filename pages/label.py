@@ -7,8 +7,10 @@ catalog exactly once (by its id) and acknowledged back.
 
 import base64
 import functools
+import hashlib
 import math
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -55,7 +57,7 @@ def preview_url(path: str, thumb_path: str) -> str:
 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def thumb_url(path: str) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def stored(relative: str) -> str:
@@ -69,19 +71,26 @@ def apply_outbox(key: str) -> tuple[components.Outbox, list[str], dict | None]:
     """Apply the component's pending events; returns what it reported, the events' ids (to
     acknowledge) and the image an undo brought back (as a jump for the browser)."""
     outbox = components.read_outbox((st.session_state.get(key) or {}).get("outbox"))
-    db, who = state.db(), state.user()
+    db, actor = state.db(), state.actor()
     acknowledged, jump = [], None
     for event in outbox.events:
-        if event.kind == "undo":
-            record = catalog.apply_undo_event(db, event.event_id, who=who)
-            if record["image_id"] is not None:
-                jump = {"token": event.event_id, "id": record["image_id"]}
-            elif record["fresh"]:
-                st.session_state["label_message"] = "Nothing of yours to undo."
+        try:
+            if event.kind == "undo":
+                record = catalog.apply_undo_event(db, event.event_id, actor=actor)
+                if record["image_id"] is not None:
+                    jump = {"token": event.event_id, "id": record["image_id"]}
+                elif record["fresh"]:
+                    st.session_state["label_message"] = "Nothing of yours to undo."
+            else:
+                record = catalog.apply_label_event(
+                    db, event.event_id, list(event.image_ids), event.class_name, actor=actor
+                )
+        except LoupeError as exc:
+            # A role that may not label: said once, and acknowledged, so the browser stops resending.
+            st.session_state["label_error"] = str(exc)
         else:
-            record = catalog.apply_label_event(db, event.event_id, list(event.image_ids), event.class_name, who=who)
-        if record["error"] and record["fresh"]:
-            st.session_state["label_error"] = record["error"]
+            if record["error"] and record["fresh"]:
+                st.session_state["label_error"] = record["error"]
         acknowledged.append(event.event_id)
     return outbox, acknowledged, jump
 
@@ -184,14 +193,14 @@ def label_all_matching(image_filter: catalog.ImageFilter) -> None:
     if not class_name:
         raise LoupeError("Choose a class first.")
     ids = catalog.image_ids(state.db(), image_filter)
-    changed = catalog.set_labels(state.db(), ids, class_name, state.user())
+    changed = catalog.set_labels(state.db(), ids, class_name, actor=state.actor())
     st.session_state["label_message"] = f"Labelled {changed} of {len(ids)} matching images as {class_name}."
 
 
 def grid_mode(db, classes: list[str], acknowledged: list[str]) -> None:
     if source := st.session_state.get("grid_source"):
         info, back = st.columns([4, 1])
-        info.info(f"Showing {source['title']}.")
+        info.info(state.literal(f"Showing {source['title']}."))
         back.button("Show all images", key="close_grid_source", on_click=close_grid_source)
     image_filter = grid_filter(db, classes)
     page_size = st.session_state["grid_page_size"]
@@ -211,7 +220,9 @@ def grid_mode(db, classes: list[str], acknowledged: list[str]) -> None:
             }
             for row in rows
         ]
-        page_token = f"{image_filter}|{st.session_state.get('grid_page', 1)}|{page_size}"
+        # A new page or filter clears the browser's selection; hashed, since a filter can list many ids.
+        shown_page = f"{image_filter}|{st.session_state.get('grid_page', 1)}|{page_size}"
+        page_token = hashlib.sha256(shown_page.encode()).hexdigest()[:16]
         mount_labeller(GRID_KEY, {
             "mode": "grid", "channel": "grid", "tiles": tiles, "classes": components.class_keys(classes),
             "acked": acknowledged, "page_token": page_token,
@@ -340,7 +351,7 @@ def map_mode(db) -> None:
     drawn = embedding_map.cached_map(ws, key, signature)
     if drawn is None:
         if error := embedding_map.map_error(ws, key, signature):
-            st.error(error)
+            st.error(state.literal(error))
             return
         embedding_map.start_map(ws, key, signature)
         wait_for_map(key, signature, versions[0]["images"])
@@ -355,9 +366,10 @@ def map_mode(db) -> None:
         "id": ids,
         "x": drawn.xy[keep, 0],
         "y": drawn.xy[keep, 1],
-        "name": [rows[i]["original_name"] for i in ids],
-        "label": [rows[i]["label"] or UNLABELLED.lower() for i in ids],
-        "prediction": [predictions[i][0] if i in predictions else "no prediction" for i in ids],
+        # Names and classes come from users: escaped, since Plotly reads tags in hover text and legends.
+        "name": [state.chart_text(rows[i]["original_name"]) for i in ids],
+        "label": [state.chart_text(rows[i]["label"] or UNLABELLED.lower()) for i in ids],
+        "prediction": [state.chart_text(predictions[i][0]) if i in predictions else "no prediction" for i in ids],
         "split": [rows[i]["split"] or "no split yet" for i in ids],
     })
     figure = px.scatter(points, x="x", y="y", color=COLOUR_BY[colour], hover_name="name", custom_data=["id"])
@@ -388,7 +400,7 @@ def add_typed_class() -> None:
             f"{name!r} is the existing class {existing!r}." if existing != name else f"Class {name!r} already exists."
         )
         return
-    catalog.add_class(db, name)
+    catalog.add_class(db, name, actor=state.actor())
     st.session_state["label_message"] = f"Class {name!r} is ready."
 
 
@@ -404,15 +416,15 @@ def ask_class_change(action: str) -> None:
 
 def confirm_class_change() -> None:
     asked = st.session_state.pop("class_confirm")
-    db, who, source, target = state.db(), state.user(), asked["source"], asked["target"]
+    db, actor, source, target = state.db(), state.actor(), asked["source"], asked["target"]
     if asked["action"] == "rename":
-        catalog.rename_class(db, source, target, who=who)
+        catalog.rename_class(db, source, target, actor=actor)
         message = f"Renamed {source!r} to {target!r}."
     elif asked["action"] == "merge":
-        moved = catalog.merge_classes(db, source, catalog.matching_class_name(db, target) or target, who)
+        moved = catalog.merge_classes(db, source, catalog.matching_class_name(db, target) or target, actor=actor)
         message = f"Moved {moved} labels from {source!r} to {target!r}; {source!r} is archived."
     else:
-        catalog.archive_class(db, source, who=who)
+        catalog.archive_class(db, source, actor=actor)
         message = f"Archived {source!r}: its labels are kept."
     st.session_state["label_message"] = message
 
@@ -422,7 +434,7 @@ def cancel_class_change() -> None:
 
 
 def undo_class_change(change_id: int) -> None:
-    st.session_state["label_message"] = catalog.undo_class_change(state.db(), change_id, who=state.user())
+    st.session_state["label_message"] = catalog.undo_class_change(state.db(), change_id, actor=state.actor())
 
 
 def class_section(db, classes: list[str]) -> None:
@@ -444,13 +456,14 @@ def class_section(db, classes: list[str]) -> None:
                 "merge": f"Move every label of {asked['source']!r} to {asked['target']!r} and archive {asked['source']!r}?",
                 "archive": f"Archive {asked['source']!r}? Its labels are kept; it is hidden from labelling.",
             }[asked["action"]]
-            st.warning(what)
+            st.warning(state.literal(what))
             yes, no = st.columns(2)
             yes.button("Confirm", key="confirm_class_change", type="primary", on_click=run_action,
                        args=(confirm_class_change,))
             no.button("Cancel", key="cancel_class_change", on_click=cancel_class_change)
         if last := catalog.last_class_change(db):
-            st.button(f"Undo the last class change ({last['action']} by {last['who']})", key="undo_class_change",
+            st.button(state.literal(f"Undo the last class change ({last['action']} by {last['who']})"),
+                      key="undo_class_change",
                       on_click=run_action, args=(undo_class_change, last["id"]))
 
 
@@ -462,9 +475,9 @@ mode = st.radio("Mode", MODES, horizontal=True, key="label_mode", label_visibili
 # Events are applied before anything is drawn, so counts, windows and messages already include them.
 applied_events = apply_outbox({"Grid": GRID_KEY, "Focus": FOCUS_KEY}[mode]) if mode != "Map" else None
 if error := st.session_state.pop("label_error", None):
-    st.error(error)
+    st.error(state.literal(error))
 if message := st.session_state.pop("label_message", None):
-    st.success(message)
+    st.success(state.literal(message))
 class_section(database, class_list)
 if mode == "Grid":
     grid_mode(database, class_list, applied_events[1])

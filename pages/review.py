@@ -1,7 +1,7 @@
 """Review: where a run's model fails and why, hard-example queues, and the expert's decisions on each image."""
 
+import base64
 import html
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +10,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from core import catalog, hard, jobs, reviews
-from core.checkpoints import TrainedModel, load_run_model
+from core import catalog, hard, images, jobs, reviews
+from core.auth import can
+from core.cam_cache import CAM_SIDE, CamRequest, CamService, cached_cam
 from core.compare import compare_runs, reviewer_agreement
 from core.config import PRESETS
 from core.errors import LoupeError
-from core.explain import CAM_METHOD_NAMES, explain, overlay, prepare_for_cam
+from core.explain import CAM_METHOD_NAMES, display_overlay, explain
 from core.images import open_image_rgb
 from core.metrics import (
     EVALUATION_SPLITS, MIN_IMAGES_TO_JUDGE, Estimate, RunPredictions, confusion_cell_images, headline,
@@ -23,14 +24,19 @@ from core.metrics import (
 )
 from core.workspace import Workspace
 from dashboard import state
+from dashboard.components import review_gallery
 
 DISPLAY_SIZE = 512
+# Thumbnails the gallery shows at once, and images after the open one whose pictures go ahead.
+GALLERY_SIZE = 60
+GALLERY_AHEAD = 3
 QUEUES = {
     "misclassified": "Misclassified (most confidently wrong first)",
     "uncertain": "Right, but unsure (smallest margin first)",
     "mislabelled": "Likely mislabelled (flagged by cleanlab, cross-validated)",
     "duplicates": "Near-duplicates (leakage, conflicting labels)",
     "unlabelled": "Unlabelled: what to label next",
+    "conflicts": "Import conflicts (an import claimed another label)",
 }
 FILTER_NAMES = {
     "all": "All", "unreviewed": "Unreviewed", "mine": "Reviewed by me", "disagreements": "Disagreements",
@@ -46,19 +52,17 @@ LABELLING_ORDER_NAMES = {
 # ---------------------------------------------------------------- cached work
 
 
-@st.cache_resource(max_entries=2)
-def _model(root: str, run_id: int) -> tuple[TrainedModel, threading.Lock]:
-    trained = load_run_model(Workspace(Path(root)), run_id)
-    prepare_for_cam(trained)
-    # Grad-CAM hooks the shared model: one map at a time, whichever session asks.
-    return trained, threading.Lock()
+@st.cache_resource
+def _cams() -> CamService:
+    # One for the server: every session shares its models, its disk cache and its background thread.
+    return CamService()
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _heatmap(root: str, run_id: int, image_path: str, class_index: int, method: str) -> np.ndarray:
-    trained, lock = _model(root, run_id)
-    with lock:
-        return explain(trained, open_image_rgb(image_path), class_index, method)
+    service = _cams()
+    with service.lock:
+        return explain(service.model(Workspace(Path(root)), run_id), open_image_rgb(image_path), class_index, method)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -202,9 +206,11 @@ def confusion_section(predictions: RunPredictions, split: str, confusion: np.nda
     ])
     figure.update_layout(
         title="Confusion matrix (click a cell to see its images)",
-        xaxis={"title": {"text": "predicted"}, "tickmode": "array", "tickvals": list(range(k)), "ticktext": labels},
+        # Fixed ranges: the markers would otherwise pad the axes around the cells.
+        xaxis={"title": {"text": "predicted"}, "tickmode": "array", "tickvals": list(range(k)), "ticktext": labels,
+               "range": [-0.5, k - 0.5]},
         yaxis={"title": {"text": "labelled"}, "tickmode": "array", "tickvals": list(range(k)), "ticktext": labels,
-               "autorange": "reversed"},
+               "range": [k - 0.5, -0.5]},
     )
     chart_key, cell_key = f"confusion_{split}", f"cell_{split}"
     st.plotly_chart(figure, on_select=lambda: _select_cell(chart_key, cell_key, classes), selection_mode="points",
@@ -241,7 +247,7 @@ def headline_section(root: str, predictions: RunPredictions) -> None:
     try:
         top = headline(predictions)
     except LoupeError as exc:
-        st.info(str(exc))
+        st.info(state.literal(str(exc)))
         return
     name = "Test" if top.split == "test" else "Validation (optimistic)"
     columns = st.columns(2)
@@ -257,7 +263,7 @@ def headline_section(root: str, predictions: RunPredictions) -> None:
             estimate = _cross_validated(root, predictions.run_id)
         except LoupeError as exc:
             estimate = None
-            st.caption(str(exc))
+            st.caption(state.literal(str(exc)))
         if estimate is not None:
             st.metric("Cross-validated accuracy (on the cached embeddings)", f"{estimate.value:.1%}")
             st.caption(f"{estimate.text()}. A logistic regression on the run's embeddings, every labelled image "
@@ -271,7 +277,7 @@ def metrics_section(predictions: RunPredictions, split: str) -> None:
     try:
         m = split_metrics(predictions, split)
     except LoupeError as exc:
-        st.info(str(exc))
+        st.info(state.literal(str(exc)))
         return
     if split == "val":
         st.caption("Validation figures: these images also chose the best epoch, so they flatter the model.")
@@ -320,7 +326,7 @@ def comparison_report(root: str, baseline: int, run_id: int, split: str, key: st
     try:
         diff = compare_runs(state.workspace(), state.db(), baseline, run_id, split=split)
     except LoupeError as exc:
-        st.info(str(exc))
+        st.info(state.literal(str(exc)))
         return
     st.text(diff.summary())
     columns = ["class"] + [f"{m}_{s}" for m in ("precision", "recall", "f1") for s in ("a", "b", "delta")]
@@ -370,6 +376,8 @@ def agreement_section() -> None:
 
 
 def _queue_frame(root: str, run_id: int, predictions: RunPredictions, queue: str) -> pd.DataFrame | None:
+    if queue == "conflicts":
+        return _conflicts_frame(catalog.open_import_conflicts(state.db()))
     if queue == "misclassified":
         return hard.misclassified_queue(predictions)
     if queue == "uncertain":
@@ -411,7 +419,7 @@ def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -
     try:
         frame = _queue_frame(root, run_id, predictions, queue)
     except LoupeError as exc:
-        st.error(str(exc))
+        st.error(state.literal(str(exc)))
         return
     if frame is None:
         return
@@ -430,9 +438,11 @@ def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -
         leaks = int(frame["leakage"].sum())
         st.caption(f"{len(frame)} pairs; {leaks} straddle train and val/test (leakage: the model is tested on "
                    "what it trained on).")
-    st.dataframe(frame, hide_index=True, width="stretch", key=f"queue_table_{queue}")
     ids = list(dict.fromkeys(frame["image_id"].tolist() + frame.get("other_image_id", pd.Series(dtype=int)).tolist()))
     st.session_state["review_queue"] = ids
+    review_gallery_section(root, run_id, predictions, queue, which, ids, _queue_notes(queue, frame))
+    with st.expander("The queue as a table"):
+        st.dataframe(frame, hide_index=True, width="stretch", key=f"queue_table_{queue}")
     pick_key = f"queue_pick_{queue}"
     # Nothing pre-selected: a pre-selected entry could not be opened, as choosing it would change nothing.
     st.selectbox("Open image", ids, index=None, placeholder="Choose an image to open", key=pick_key,
@@ -442,6 +452,170 @@ def hard_examples_section(root: str, run_id: int, predictions: RunPredictions) -
         _open_image(ids[0])
 
 
+def _conflicts_frame(conflicts: list[dict]) -> pd.DataFrame:
+    """One row per image with open import conflicts, oldest first: its label and every label claimed."""
+    columns = ["image_id", "label", "claimed_label", "source_name", "conflict_ids"]
+    if not conflicts:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(conflicts).groupby("image_id", sort=False).agg(
+        label=("label", "first"), claimed_label=("claimed_label", ", ".join),
+        source_name=("source_name", ", ".join), conflict_ids=("id", list),
+    )
+    return grouped.reset_index()[columns]
+
+
+def _queue_notes(queue: str, frame: pd.DataFrame) -> dict[int, str]:
+    """What a tile says beyond its labels: the label an import claimed, the image a near-duplicate pairs with."""
+    if queue == "conflicts":
+        return {int(r.image_id): f"an import says: {r.claimed_label}" for r in frame.itertuples()}
+    if queue == "duplicates":
+        notes: dict[int, str] = {}
+        for r in frame.itertuples():
+            leak = " (leakage)" if r.leakage else ""
+            notes.setdefault(int(r.image_id), f"near-duplicate of #{r.other_image_id}{leak}")
+            notes.setdefault(int(r.other_image_id), f"near-duplicate of #{r.image_id}{leak}")
+        return notes
+    return {}
+
+
+# ---------------------------------------------------------------- the gallery
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _thumb_url(path: str) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _preview_url(path: str) -> str | None:
+    try:
+        return _jpeg_url(images.preview_jpeg(path, CAM_SIDE))
+    except LoupeError:
+        return None
+
+
+def _jpeg_url(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def _cam_classes(predictions: RunPredictions, row: int | None, label: str | None) -> list[tuple[str, int]]:
+    """The maps an opened image shows: (title, class index) for the predicted class and, when it
+    differs, the labelled one."""
+    if row is None:
+        return []
+    classes = predictions.classes
+    predicted = int(np.argmax(predictions.probs[row]))
+    shown = [(f"Grad-CAM for the predicted class: {classes[predicted]}", predicted)]
+    if label in classes and classes.index(label) != predicted:
+        shown.append((f"Grad-CAM for the labelled class: {label}", classes.index(label)))
+    elif label in classes:
+        shown[0] = (f"Grad-CAM for {label}, predicted and labelled", predicted)
+    return shown
+
+
+def _apply_review_outbox(key: str, queue: str) -> list[str]:
+    """Apply the gallery's pending decisions, each once; returns their ids to acknowledge."""
+    outbox = review_gallery.read_review_outbox((st.session_state.get(key) or {}).get("outbox"))
+    db, actor = state.db(), state.actor()
+    acknowledged = []
+    for event in outbox.events:
+        try:
+            record = reviews.apply_review_event(db, event.event_id, event.image_id, event.decision, actor=actor,
+                                               class_name=event.class_name, comment=event.comment)
+        except LoupeError as exc:
+            # A role that may not review: said once, and acknowledged, so the browser stops resending.
+            st.session_state["review_gallery_error"] = str(exc)
+        else:
+            if record["error"] and record["fresh"]:
+                st.session_state["review_gallery_error"] = f"#{event.image_id}: {record['error']}"
+            elif record["fresh"] and queue == "conflicts" and event.decision in ("confirm", "relabel"):
+                # Confirming the catalog's label or choosing one settles what the import disagreed on.
+                for conflict in catalog.open_import_conflicts(db):
+                    if conflict["image_id"] == event.image_id:
+                        catalog.resolve_import_conflict(db, conflict["id"], actor=actor)
+        acknowledged.append(event.event_id)
+    return acknowledged
+
+
+def _gallery_item(db, ws: Workspace, predictions: RunPredictions, rows: dict[int, int], image_id: int,
+                  reviewed: set[int], note: str | None) -> dict:
+    image = catalog.get_image(db, image_id)
+    item = {"id": image_id, "name": image["original_name"], "label": image["label"], "predicted": None,
+            "confidence": None, "reviewed": image_id in reviewed, "note": note,
+            "thumb": _thumb_url(str(ws.root / image["thumb_path"]))}
+    if image_id in rows:
+        probs = predictions.probs[rows[image_id]]
+        item["predicted"] = predictions.classes[int(np.argmax(probs))]
+        item["confidence"] = f"{probs.max():.0%}"
+    return item
+
+
+def _window_item(ws: Workspace, run_id: int, predictions: RunPredictions, rows: dict[int, int], image: dict,
+                 *, compute: bool) -> dict:
+    """The large picture and maps of one image; maps not cached are computed only when `compute`."""
+    service = _cams()
+    cams, note = [], None
+    for title, class_index in _cam_classes(predictions, rows.get(image["id"]), image["label"]):
+        request = CamRequest(image["id"], image["path"], class_index)
+        src = None
+        try:
+            if compute:
+                src = _jpeg_url(service.cam(ws, run_id, request))
+            elif (cached := cached_cam(ws, run_id, image["id"], class_index)) is not None:
+                src = _jpeg_url(cached)
+        except LoupeError as exc:
+            note = str(exc)
+        cams.append({"title": title, "class_index": class_index, "src": src})
+    if image["id"] not in rows:
+        note = "This run made no prediction for this image: there is no map to show."
+    return {"id": image["id"], "name": image["original_name"], "src": _preview_url(str(ws.root / image["path"])),
+            "cams": cams, "note": note}
+
+
+@st.fragment
+def review_gallery_section(root: str, run_id: int, predictions: RunPredictions, queue: str, which: str,
+                           ids: list[int], notes: dict[int, str]) -> None:
+    """The queue as a gallery drawn in the browser; decisions by key come back here as events.
+
+    Runs as a fragment: a decision or an opened image reruns only the gallery, not the figures above."""
+    key = f"review_gallery_{queue}"
+    acknowledged = _apply_review_outbox(key, queue)
+    outbox = review_gallery.read_review_outbox((st.session_state.get(key) or {}).get("outbox"))
+    ws, db = state.workspace(), state.db()
+    rows = {int(i): n for n, i in enumerate(predictions.image_ids)}
+    reviewed = {r["image_id"] for r in db.query("SELECT DISTINCT image_id FROM reviews")}
+    shown = ids[:GALLERY_SIZE]
+    if outbox.current in ids and outbox.current not in shown:
+        shown.append(outbox.current)
+    items = [_gallery_item(db, ws, predictions, rows, i, reviewed, notes.get(i)) for i in shown]
+    token = f"{run_id}:{queue}:{which}"
+    if st.session_state.get(f"{key}_ahead") != token:
+        # The whole queue's maps, computed in the background from the first image on.
+        st.session_state[f"{key}_ahead"] = token
+        requests = []
+        for image_id in ids:
+            image = catalog.get_image(db, image_id)
+            requests += [CamRequest(image_id, image["path"], c)
+                         for _, c in _cam_classes(predictions, rows.get(image_id), image["label"])]
+        _cams().ahead(ws, run_id, requests)
+    window = []
+    if outbox.current in ids:
+        at = ids.index(outbox.current)
+        for n, image_id in enumerate(ids[at : at + 1 + GALLERY_AHEAD]):
+            window.append(_window_item(ws, run_id, predictions, rows, catalog.get_image(db, image_id), compute=n == 0))
+    review_gallery.reviewer(
+        key=key,
+        data={
+            "channel": f"review-{run_id}-{queue}", "queue_token": token, "items": items, "window": window,
+            "classes": review_gallery.relabel_keys(predictions.classes), "acked": acknowledged,
+            "remaining": sum(1 for i in ids if i not in reviewed), "more": max(0, len(ids) - len(shown)),
+        },
+        on_outbox_change=lambda: None,
+    )
+    if error := st.session_state.pop("review_gallery_error", None):
+        st.error(state.literal(error))
+
+
 # ---------------------------------------------------------------- one image
 
 
@@ -449,7 +623,8 @@ def decisions(image_id: int, classes: list[str], label: str | None, excluded: bo
     def record(decision: str, class_name: str | None = None, comment: str | None = None) -> None:
         # Callbacks run in their own thread: they need their own connection.
         try:
-            reviews.record_review(state.db(), image_id, state.user(), decision, class_name, comment)
+            reviews.record_review(state.db(), image_id, decision, actor=state.actor(), class_name=class_name,
+                                  comment=comment)
         except LoupeError as exc:
             st.session_state["review_error"] = str(exc)
             return
@@ -476,9 +651,9 @@ def decisions(image_id: int, classes: list[str], label: str | None, excluded: bo
     st.text_input("Comment", key="review_comment")
     st.button("Add comment", key="comment", on_click=lambda: record("comment", comment=st.session_state["review_comment"]))
     if message := st.session_state.pop("review_message", None):
-        st.success(message)
+        st.success(state.literal(message))
     if error := st.session_state.pop("review_error", None):
-        st.error(error)
+        st.error(state.literal(error))
 
 
 def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
@@ -490,7 +665,7 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
     try:
         image = catalog.get_image(db, image_id)
     except LoupeError as exc:
-        st.error(str(exc))
+        st.error(state.literal(str(exc)))
         return
     st.subheader(f"Image #{image_id}")
     st.text(image["original_name"])
@@ -522,7 +697,8 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
                     f"{summary['reviewer_label']}.")
         if summary["excluded"]:
             st.info("Excluded from training.")
-        decisions(image_id, classes, image["label"], summary["excluded"])
+        if can(state.actor(), "review"):
+            decisions(image_id, classes, image["label"], summary["excluded"])
     with picture:
         original = open_image_rgb(ws.root / image["path"])
         if probs is None:
@@ -537,12 +713,10 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
                 with st.spinner("Computing the heat map…"):
                     heat = _heatmap(root, run_id, str(ws.root / image["path"]), classes.index(explained), method)
             except LoupeError as exc:
-                st.error(str(exc))
+                st.error(state.literal(str(exc)))
                 st.image(_display_copy(original))
             else:
-                shown = _display_copy(original)
-                small = np.asarray(Image.fromarray(heat).resize(shown.size, Image.BILINEAR), dtype=np.float32)
-                st.image(overlay(shown, np.clip(small, 0.0, 1.0), opacity))
+                st.image(display_overlay(original, heat, side=DISPLAY_SIZE, opacity=opacity))
                 st.text(f"{CAM_METHOD_NAMES[method]} for {explained}")
     history = reviews.review_history(db, image_id)
     labels = catalog.label_history(db, image_id)
@@ -561,9 +735,9 @@ def retrain_section() -> None:
                  help="Starts a Quick run on the labels as they are now; excluded images are left out."):
         ws, db = state.workspace(), state.db()
         try:
-            run_id = jobs.create_run(ws, db, PRESETS["quick"])
+            run_id = jobs.create_run(ws, db, PRESETS["quick"], actor=state.actor())
         except LoupeError as exc:
-            st.error(str(exc))
+            st.error(state.literal(str(exc)))
             return
         jobs.start_next_queued(ws, db)
         st.session_state["retrained"] = (st.session_state["review_run"], run_id)
@@ -611,13 +785,14 @@ chosen_run = top[0].selectbox(
 )
 chosen_split = top[1].radio("Evaluate on", EVALUATION_SPLITS, horizontal=True, key="review_split")
 with top[2]:
-    retrain_section()
+    if can(state.actor(), "train"):
+        retrain_section()
 workspace_root = str(state.workspace().root)
 retrain_report(workspace_root)
 try:
     run_predictions = _predictions(workspace_root, chosen_run)
 except LoupeError as exc:
-    st.error(str(exc))
+    st.error(state.literal(str(exc)))
     st.stop()
 headline_section(workspace_root, run_predictions)
 if st.session_state.get("review_image_run") != chosen_run:

@@ -7,10 +7,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import jobs
+from core import catalog, jobs, serve
+from core.auth import can
 from core.backbones import available_backbones
 from core.config import ALLOWED_VALUES, DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig
 from core.errors import LoupeError
+from core.metrics import MIN_IMAGES_TO_JUDGE, split_warnings
 from core.selection import dataset_from_catalog
 from core.training import class_weights
 from dashboard import state
@@ -44,7 +46,9 @@ def config_form(preset: str) -> TrainConfig:
     values = {}
     with st.expander("Advanced"):
         columns = st.columns(3)
-        for number, field in enumerate(dataclasses.fields(TrainConfig)):
+        # A local weights file is read by the worker: only admins may name one.
+        fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "weights_path" or can(state.actor(), "settings")]
+        for number, field in enumerate(fields):
             with columns[number % 3]:
                 key = f"config_{preset}_{field.name}"
                 values[field.name] = _field_input(field.name, getattr(defaults, field.name), key)
@@ -67,6 +71,40 @@ def class_balance(db, config: TrainConfig) -> None:
     st.caption(
         f"Class weights from the training counts ({config.class_weighting}): rarer classes count more in the loss."
     )
+    split_warning_block(db, {split: sum(row[split] for row in rows) for split in ("train", "val", "test")})
+
+
+def _rebalance_splits() -> None:
+    try:
+        moves = catalog.rebalance_splits(state.db(), actor=state.actor(), minimum=MIN_IMAGES_TO_JUDGE)
+    except LoupeError as exc:
+        st.session_state["split_message"] = ("error", str(exc))
+        return
+    moved = {split: sum(m["new_split"] == split for m in moves) for split in ("val", "test")}
+    st.session_state["split_message"] = (
+        "success", f"Moved {moved['val']} images to val and {moved['test']} to test; labels are unchanged."
+        if moves else "No unpinned training image could be moved without leaving a class too few to train on.",
+    )
+
+
+def split_warning_block(db, images_per_split: dict[str, int]) -> None:
+    """Say which evaluation splits are too small to judge a model by, and let an admin move unpinned
+    training images into them."""
+    if message := st.session_state.pop("split_message", None):
+        (st.error if message[0] == "error" else st.success)(state.literal(message[1]))
+    warnings = split_warnings(images_per_split)
+    for warning in warnings:
+        st.warning(warning)
+    if not warnings:
+        return
+    if can(state.actor(), "manage_splits"):
+        st.button(
+            "Rebalance unpinned images", key="rebalance_splits", on_click=_rebalance_splits,
+            help=f"Moves labelled training images that no one pinned to a split into val and test until each "
+                 f"has {MIN_IMAGES_TO_JUDGE}, class by class, keeping at least half of each class in train.",
+        )
+    else:
+        st.caption("An admin can move unpinned training images into val and test.")
 
 
 def start_section(db) -> None:
@@ -79,17 +117,29 @@ def start_section(db) -> None:
     try:
         config = config_form(preset)
     except LoupeError as exc:
-        st.error(str(exc))
+        st.error(state.literal(str(exc)))
         return
     class_balance(db, config)
     if st.button("Train", type="primary", key="train"):
         try:
-            run_id = jobs.create_run(state.workspace(), db, config)
+            run_id = jobs.create_run(state.workspace(), db, config, actor=state.actor(),
+                                     import_roots=serve.import_roots())
         except LoupeError as exc:
-            st.error(str(exc))
+            st.error(state.literal(str(exc)))
             return
         jobs.start_next_queued(state.workspace(), db)
         st.toast(f"Run #{run_id} queued.")
+    embed_section(db, config)
+
+
+def embed_section(db, config: TrainConfig) -> None:
+    """Embedding every image ahead of time makes the next run start from cached features."""
+    if st.button("Embed every image now", key="embed_all",
+                 help=f"Compute {config.backbone}'s features of every image in the background, so the next "
+                      "quick run trains in seconds."):
+        job_id = jobs.create_job(db, jobs.JobKind.EMBED, {"config": config.to_dict()})
+        jobs.start_next_queued(state.workspace(), db)
+        st.toast(f"Embedding #{job_id} queued.")
 
 
 # ---------------------------------------------------------------- live run and history
@@ -124,10 +174,8 @@ def curves(db, run_id: int) -> None:
 
 def live_run(db, run: dict) -> None:
     progress = run["progress"]
-    if run["status"] == jobs.RunStatus.QUEUED and run["pid"]:
-        st.info(f"Run #{run['id']} is starting.")
-    elif run["status"] == jobs.RunStatus.QUEUED:
-        st.info(f"Run #{run['id']} is queued: it starts when the run before it finishes.")
+    if run["status"] == jobs.RunStatus.QUEUED:
+        st.info(f"Run #{run['id']} is queued: it starts as soon as the worker is free.")
     else:
         fraction = jobs.progress_fraction(progress)
         parts = [f"Run #{run['id']} {run['status']}"]
@@ -155,9 +203,9 @@ def last_run(db, run: dict) -> None:
             f"{metrics.get('val_accuracy', 0):.1%}, macro-F1 {metrics.get('val_macro_f1', 0):.3f}."
         )
     elif run["status"] == jobs.RunStatus.FAILED:
-        st.error(f"Run #{run['id']} failed: {run['error']}")
+        st.error(state.literal(f"Run #{run['id']} failed: {run['error']}"))
     else:
-        st.warning(f"Run #{run['id']} was cancelled." + (f" {run['error']}" if run["error"] else ""))
+        st.warning(state.literal(f"Run #{run['id']} was cancelled." + (f" {run['error']}" if run["error"] else "")))
     curves(db, run["id"])
 
 
@@ -212,6 +260,9 @@ def live_section() -> None:
         live_run(db, run)
     if waiting := len(active) - len(shown):
         st.caption(f"{waiting} more run(s) queued.")
+    if others := [job for job in jobs.active_jobs(db) if job["kind"] != jobs.JobKind.TRAIN]:
+        st.caption("The worker also has " + ", ".join(f"{jobs.job_title(job)} ({job['status']})" for job in others)
+                   + ": runs wait their turn.")
     if not active and runs:
         last_run(db, runs[0])
     history(db, runs, jobs.run_item_counts(db))
@@ -219,7 +270,8 @@ def live_section() -> None:
 
 st.title("Train")
 database = state.db()
-start_section(database)
-st.divider()
+if can(state.actor(), "train"):
+    start_section(database)
+    st.divider()
 refresh = LIVE_REFRESH_SECONDS if jobs.active_runs(database) else IDLE_REFRESH_SECONDS
 st.fragment(run_every=refresh)(live_section)()

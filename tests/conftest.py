@@ -4,10 +4,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.auth import ADMIN, Actor
 from core.workspace import connect, open_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+# Who tests act as when who acts is not what they check: an admin, who may do everything.
+TESTER = Actor("tester", ADMIN)
+
+
+@pytest.fixture
+def actor() -> Actor:
+    return TESTER
 
 
 def image_bytes(color=(200, 30, 30), size=(64, 48), fmt="PNG", **save_args) -> bytes:
@@ -48,9 +56,9 @@ def add_labelled_images(ws, db, per_class: dict[str, dict[str, int]], unlabelled
             for _ in range(count):
                 n += 1
                 color = tuple((c + 3 * n) % 256 for c in base)
-                ingest.ingest_bytes(ws, db, image_bytes(color, (32, 32)), f"{name}-{n}.png", name, split)
+                ingest.ingest_bytes(ws, db, image_bytes(color, (32, 32)), f"{name}-{n}.png", name, split, actor=TESTER)
     for i in range(unlabelled):
-        ingest.ingest_bytes(ws, db, image_bytes((128, 128, (7 * i) % 256), (32, 32)), f"unlabelled-{i}.png")
+        ingest.ingest_bytes(ws, db, image_bytes((128, 128, (7 * i) % 256), (32, 32)), f"unlabelled-{i}.png", actor=TESTER)
 
 
 # Two classes, each with 4 train, 2 val and 1 test image: the smallest set every training check accepts.
@@ -66,17 +74,12 @@ def labelled_workspace(workspace, db):
 
 
 def stop_workers(ws) -> None:
-    """Kill the process group of every worker still alive for a run of this workspace."""
-    import os
-    import signal
-
+    """Kill the process group of every worker still alive for this workspace."""
     from core import jobs
 
     database = connect(ws)
     try:
-        for run in jobs.list_runs(database):
-            if run["pid"] and jobs.worker_alive(run["pid"]):
-                os.killpg(run["pid"], signal.SIGKILL)
+        jobs.stop_workers(database)
     finally:
         database.close()
 

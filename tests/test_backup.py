@@ -11,7 +11,7 @@ from core.checkpoints import run_checkpoint_path
 from core.cli import main
 from core.errors import LoupeError
 from core.workspace import Workspace, connect
-from tests.conftest import add_labelled_images, image_bytes
+from tests.conftest import TESTER, add_labelled_images, image_bytes
 from tests.exported_run import make_succeeded_run, tiny_model
 
 
@@ -61,12 +61,12 @@ def test_backup_and_restore_give_the_same_catalog(busy_workspace, db, tmp_path, 
 
 
 def test_restore_refuses_a_folder_that_is_not_empty(busy_workspace, tmp_path):
-    backup_workspace(busy_workspace, tmp_path / "b.zip")
+    backup_workspace(busy_workspace, tmp_path / "b.zip", actor=TESTER)
     target = tmp_path / "used"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     with pytest.raises(LoupeError, match="not empty"):
-        restore_workspace(tmp_path / "b.zip", target)
+        restore_workspace(tmp_path / "b.zip", target, actor=TESTER)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     assert main(["restore", str(tmp_path / "b.zip"), "--workspace", str(target)]) == 2
 
@@ -76,11 +76,11 @@ def test_restore_refuses_what_is_not_a_backup(tmp_path):
         archive.writestr("catalog.db", b"")
         archive.writestr("../outside.txt", b"x")
     with pytest.raises(LoupeError, match="cannot be restored"):
-        restore_workspace(tmp_path / "evil.zip", tmp_path / "target")
+        restore_workspace(tmp_path / "evil.zip", tmp_path / "target", actor=TESTER)
     assert not (tmp_path / "outside.txt").exists()
     (tmp_path / "plain.txt").write_text("hello")
     with pytest.raises(LoupeError, match="not a readable backup"):
-        restore_workspace(tmp_path / "plain.txt", tmp_path / "target2")
+        restore_workspace(tmp_path / "plain.txt", tmp_path / "target2", actor=TESTER)
 
 
 def test_backup_is_consistent_while_another_connection_writes(busy_workspace, tmp_path):
@@ -92,7 +92,7 @@ def test_backup_is_consistent_while_another_connection_writes(busy_workspace, tm
         writer = connect(busy_workspace)
         n = 0
         while not stop.is_set():
-            catalog.set_labels(writer, [1, 2, 3, 4], ("blue", "red")[n % 2], "writer")
+            catalog.set_labels(writer, [1, 2, 3, 4], ("blue", "red")[n % 2], actor=TESTER)
             written.append(n)
             n += 1
         writer.close()
@@ -102,14 +102,14 @@ def test_backup_is_consistent_while_another_connection_writes(busy_workspace, tm
     try:
         while len(written) < 3:
             stop.wait(0.01)
-        backups = [backup_workspace(busy_workspace, tmp_path / f"b{i}.zip") for i in range(3)]
+        backups = [backup_workspace(busy_workspace, tmp_path / f"b{i}.zip", actor=TESTER) for i in range(3)]
     finally:
         stop.set()
         thread.join()
     assert len(written) > 3 and all(b["images"] == 13 for b in backups)
     for i in range(3):
         restored = tmp_path / f"r{i}"
-        assert restore_workspace(tmp_path / f"b{i}.zip", restored)["integrity"] == "ok"
+        assert restore_workspace(tmp_path / f"b{i}.zip", restored, actor=TESTER)["integrity"] == "ok"
         with closing(sqlite3.connect(restored / "catalog.db")) as copy:
             # A snapshot between transactions: the four images written together carry one label,
             # and each image's label is the last one its history records.
@@ -146,13 +146,13 @@ def with_catalog_changed(members: dict[str, bytes], tmp_path, *statements: str) 
 @pytest.fixture
 def backup_members(workspace, db, tmp_path) -> dict[str, bytes]:
     add_labelled_images(workspace, db, {"red": {"train": 2}, "blue": {"train": 1}}, 1)
-    backup_workspace(workspace, tmp_path / "good.zip")
+    backup_workspace(workspace, tmp_path / "good.zip", actor=TESTER)
     return members_of(tmp_path / "good.zip")
 
 
 def assert_refused_and_nothing_left(archive, target, reason: str) -> None:
     with pytest.raises(LoupeError, match=reason) as refused:
-        restore_workspace(archive, target)
+        restore_workspace(archive, target, actor=TESTER)
     assert "Nothing was restored" in str(refused.value)
     assert not target.exists() or list(target.iterdir()) == []
     assert not list(target.parent.glob(".tmp-*"))
@@ -225,7 +225,7 @@ def test_a_restore_into_an_empty_folder_fills_it_whole(backup_members, tmp_path)
     write_zip(tmp_path / "good.zip", backup_members)
     target = tmp_path / "empty"
     target.mkdir()
-    restored = restore_workspace(tmp_path / "good.zip", target)
+    restored = restore_workspace(tmp_path / "good.zip", target, actor=TESTER)
     assert restored["images"] == 4 and restored["integrity"] == "ok"
     assert (target / "catalog.db").is_file() and not list(tmp_path.glob(".tmp-*"))
 
@@ -242,5 +242,5 @@ def test_a_backup_never_takes_a_file_from_outside_the_workspace(workspace, db, t
     add_labelled_images(workspace, db, {"red": {"train": 1}})
     db.execute("UPDATE images SET path = '/etc/passwd' WHERE id = 1")
     with pytest.raises(LoupeError, match="outside the workspace's own folders"):
-        backup_workspace(workspace, tmp_path / "b.zip")
+        backup_workspace(workspace, tmp_path / "b.zip", actor=TESTER)
     assert not (tmp_path / "b.zip").exists()

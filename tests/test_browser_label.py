@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from core import catalog, ingest
+from core.auth import ADMIN, Actor
 from core.workspace import connect, open_workspace
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
 from tests.conftest import image_bytes
@@ -15,6 +16,7 @@ from tests.conftest import image_bytes
 pytestmark = pytest.mark.browser
 
 TIMEOUT_MS = 30_000
+ADMIN_ACTOR = Actor("ana", ADMIN)
 SHOWN = ".loupe-focus img.loupe-shown[data-image-id]"
 # Records, before the labeller sees a key, which image was on screen when it was pressed.
 RECORD_PRESSES = """() => {
@@ -30,9 +32,9 @@ def seeded_workspace(root, count: int):
     ws = open_workspace(root)
     db = connect(ws)
     for name in ("ants", "bees"):
-        catalog.add_class(db, name)
+        catalog.add_class(db, name, actor=ADMIN_ACTOR)
     for n in range(count):
-        ingest.ingest_bytes(ws, db, image_bytes((n * 6 % 256, 90, 255 - n * 6 % 256), (48, 40)), f"photo_{n:03}.png")
+        ingest.ingest_bytes(ws, db, image_bytes((n * 6 % 256, 90, 255 - n * 6 % 256), (48, 40)), f"photo_{n:03}.png", actor=ADMIN_ACTOR)
     db.close()
     return ws
 
@@ -135,8 +137,11 @@ def test_find_similar_from_focus_mode_opens_the_nearest_images_in_the_grid(brows
     with running_dashboard(ws.root) as url:
         open_label_page(page, url, "Focus")
         page.wait_for_selector(f'{SHOWN.removesuffix("[data-image-id]")}[data-image-id="1"]', timeout=TIMEOUT_MS)
+        page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=TIMEOUT_MS)
         page.keyboard.press("f")
-        page.get_by_text("Showing the 7 images most similar to #1.").wait_for(timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => document.body.innerText.includes('Showing the 7 images most similar to #1.')", timeout=TIMEOUT_MS
+        )
         tiles = page.locator(".loupe-tiles .loupe-tile")
         tiles.nth(7).wait_for(timeout=TIMEOUT_MS)
         shown = [int(tiles.nth(i).get_attribute("data-image-id")) for i in range(8)]

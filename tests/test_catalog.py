@@ -3,8 +3,12 @@ import hashlib
 import pytest
 
 from core import catalog
+from core.auth import ADMIN, Actor
 from core.errors import LoupeError
 from core.workspace import connect, open_workspace
+
+
+ANA, BEN = Actor("ana", ADMIN), Actor("ben", ADMIN)
 
 
 def add_images(db, count: int, start: int = 0) -> list[int]:
@@ -17,6 +21,7 @@ def add_images(db, count: int, start: int = 0) -> list[int]:
                 db,
                 {"sha256": sha, "path": f"images/{sha}.png", "thumb_path": f"thumbs/{sha}.jpg",
                  "width": 8, "height": 8, "format": "PNG", "original_name": f"img_{n}.png"},
+                actor=ANA,
             )
         )
     return ids
@@ -31,7 +36,7 @@ def test_open_workspace_creates_folders_and_is_idempotent(tmp_path):
     for folder in (ws.images_dir, ws.thumbs_dir, ws.runs_dir):
         assert folder.is_dir()
     db = connect(ws)
-    catalog.add_class(db, "ants")
+    catalog.add_class(db, "ants", actor=ANA)
     db.close()
     db = connect(open_workspace(tmp_path / "w"))
     assert catalog.class_names(db) == ["ants"]
@@ -40,10 +45,10 @@ def test_open_workspace_creates_folders_and_is_idempotent(tmp_path):
 
 def test_set_label_records_every_change_and_who(db):
     [image] = add_images(db, 1)
-    catalog.set_label(db, image, "ants", "ana")
-    catalog.set_label(db, image, "ants", "ana")  # no change, no event
-    catalog.set_label(db, image, "bees", "ben")
-    catalog.set_label(db, image, None, "ben")
+    catalog.set_label(db, image, "ants", actor=ANA)
+    catalog.set_label(db, image, "ants", actor=ANA)  # no change, no event
+    catalog.set_label(db, image, "bees", actor=BEN)
+    catalog.set_label(db, image, None, actor=BEN)
     history = catalog.label_history(db, image)
     assert [(h["old_label"], h["new_label"], h["who"]) for h in history] == [
         (None, "ants", "ana"), ("ants", "bees", "ben"), ("bees", None, "ben"),
@@ -53,23 +58,23 @@ def test_set_label_records_every_change_and_who(db):
 
 def test_set_labels_many_in_one_call_and_unknown_image_rolls_back(db):
     ids = add_images(db, 3)
-    assert catalog.set_labels(db, ids, "ants", "ana") == 3
+    assert catalog.set_labels(db, ids, "ants", actor=ANA) == 3
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 3
     with pytest.raises(LoupeError, match="no image #999"):
-        catalog.set_labels(db, [ids[0], 999], "bees", "ana")
+        catalog.set_labels(db, [ids[0], 999], "bees", actor=ANA)
     assert catalog.get_image(db, ids[0])["label"] == "ants"
 
 
 def test_undo_steps_back_through_own_labels_only(db):
     a, b = add_images(db, 2)
-    catalog.set_label(db, a, "ants", "ana")
-    catalog.set_label(db, a, "bees", "ana")
-    catalog.set_label(db, b, "ants", "ben")
-    assert catalog.undo_last_label(db, "ana") == a
+    catalog.set_label(db, a, "ants", actor=ANA)
+    catalog.set_label(db, a, "bees", actor=ANA)
+    catalog.set_label(db, b, "ants", actor=BEN)
+    assert catalog.undo_last_label(db, actor=ANA) == a
     assert catalog.get_image(db, a)["label"] == "ants"
-    assert catalog.undo_last_label(db, "ana") == a
+    assert catalog.undo_last_label(db, actor=ANA) == a
     assert catalog.get_image(db, a)["label"] is None
-    assert catalog.undo_last_label(db, "ana") is None
+    assert catalog.undo_last_label(db, actor=ANA) is None
     assert catalog.get_image(db, b)["label"] == "ants"
     reasons = [h["reason"] for h in catalog.label_history(db, a)]
     assert reasons[:2] == ["label", "label"] and all(r.startswith("undo #") for r in reasons[2:])
@@ -77,11 +82,11 @@ def test_undo_steps_back_through_own_labels_only(db):
 
 def test_splits_are_stable_when_images_are_added(db):
     first = add_images(db, 60)
-    catalog.set_labels(db, first[:30], "ants", "ana")
-    catalog.set_labels(db, first[30:], "bees", "ana")
+    catalog.set_labels(db, first[:30], "ants", actor=ANA)
+    catalog.set_labels(db, first[30:], "bees", actor=ANA)
     before = splits_of(db)
     more = add_images(db, 90, start=60)
-    catalog.set_labels(db, more, "ants", "ana")
+    catalog.set_labels(db, more, "ants", actor=ANA)
     after = splits_of(db)
     assert {i: after[i] for i in before} == before
     assert set(after.values()) == set(catalog.SPLITS)
@@ -89,10 +94,10 @@ def test_splits_are_stable_when_images_are_added(db):
 
 def test_split_depends_on_the_image_hash_alone(db, tmp_path):
     ids = add_images(db, 40)
-    catalog.set_labels(db, ids, "ants", "ana")
+    catalog.set_labels(db, ids, "ants", actor=ANA)
     other = connect(open_workspace(tmp_path / "other"))
     reversed_ids = add_images(other, 40)
-    catalog.set_labels(other, list(reversed(reversed_ids)), "ants", "ana")
+    catalog.set_labels(other, list(reversed(reversed_ids)), "ants", actor=ANA)
     same = sum(splits_of(db)[i] == splits_of(other)[i] for i in ids)
     assert same >= 38  # only the guaranteed-val image may differ
 
@@ -100,89 +105,89 @@ def test_split_depends_on_the_image_hash_alone(db, tmp_path):
 @pytest.mark.parametrize("count", [3, 4, 7])
 def test_every_class_with_three_images_has_a_val_image(db, count):
     ids = add_images(db, count * 2)
-    catalog.set_labels(db, ids[:count], "ants", "ana")
+    catalog.set_labels(db, ids[:count], "ants", actor=ANA)
     for image in ids[count:]:
-        catalog.set_label(db, image, "bees", "ana")
+        catalog.set_label(db, image, "bees", actor=ANA)
     for name in ("ants", "bees"):
         assert catalog.count_images(db, catalog.ImageFilter(class_name=name, split="val")) >= 1
 
 
 def test_two_images_need_no_val_and_relabelling_keeps_the_guarantee(db):
     ids = add_images(db, 5)
-    catalog.set_labels(db, ids[:2], "ants", "ana")
+    catalog.set_labels(db, ids[:2], "ants", actor=ANA)
     assert len(splits_of(db)) == 2
-    catalog.set_labels(db, ids, "bees", "ana")
+    catalog.set_labels(db, ids, "bees", actor=ANA)
     assert catalog.count_images(db, catalog.ImageFilter(class_name="bees", split="val")) >= 1
 
 
 def test_pinned_split_is_kept(db):
     ids = add_images(db, 5)
     for image in ids:
-        catalog.pin_split(db, image, "train")
-    catalog.set_labels(db, ids, "ants", "ana")
+        catalog.pin_split(db, image, "train", actor=ANA)
+    catalog.set_labels(db, ids, "ants", actor=ANA)
     assert set(splits_of(db).values()) == {"train"}
     with pytest.raises(LoupeError, match="Unknown split"):
-        catalog.pin_split(db, ids[0], "holdout")
+        catalog.pin_split(db, ids[0], "holdout", actor=ANA)
 
 
 def test_split_fractions_setting(db):
-    catalog.set_split_fractions(db, {"train": 8, "val": 1, "test": 1})
+    catalog.set_split_fractions(db, {"train": 8, "val": 1, "test": 1}, actor=ANA)
     assert catalog.split_fractions(db) == pytest.approx({"train": 0.8, "val": 0.1, "test": 0.1})
     with pytest.raises(LoupeError):
-        catalog.set_split_fractions(db, {"train": 1.0, "val": -0.1, "test": 0.1})
-    catalog.set_split_fractions(db, {"train": 1, "val": 0, "test": 0})
+        catalog.set_split_fractions(db, {"train": 1.0, "val": -0.1, "test": 0.1}, actor=ANA)
+    catalog.set_split_fractions(db, {"train": 1, "val": 0, "test": 0}, actor=ANA)
     ids = add_images(db, 20)
-    catalog.set_labels(db, ids, "ants", "ana")
+    catalog.set_labels(db, ids, "ants", actor=ANA)
     assert sorted(splits_of(db).values()).count("val") == 1  # only the guaranteed one
 
 
 def test_rename_class_keeps_labels_and_history(db):
     [image] = add_images(db, 1)
-    catalog.set_label(db, image, "ant", "ana")
-    catalog.rename_class(db, "ant", "ants")
+    catalog.set_label(db, image, "ant", actor=ANA)
+    catalog.rename_class(db, "ant", "ants", actor=ANA)
     assert catalog.get_image(db, image)["label"] == "ants"
     assert catalog.label_history(db, image)[0]["new_label"] == "ants"
-    catalog.add_class(db, "bees")
+    catalog.add_class(db, "bees", actor=ANA)
     with pytest.raises(LoupeError, match="merge"):
-        catalog.rename_class(db, "ants", "bees")
+        catalog.rename_class(db, "ants", "bees", actor=ANA)
     with pytest.raises(LoupeError, match="no class"):
-        catalog.rename_class(db, "wasps", "hornets")
+        catalog.rename_class(db, "wasps", "hornets", actor=ANA)
 
 
 def test_merge_moves_labels_keeps_history_and_archives_source(db):
     ids = add_images(db, 4)
-    catalog.set_labels(db, ids[:2], "bee", "ana")
-    catalog.set_labels(db, ids[2:], "bees", "ana")
-    assert catalog.merge_classes(db, "bee", "bees", "ben") == 2
+    catalog.set_labels(db, ids[:2], "bee", actor=ANA)
+    catalog.set_labels(db, ids[2:], "bees", actor=ANA)
+    assert catalog.merge_classes(db, "bee", "bees", actor=BEN) == 2
     assert catalog.class_names(db) == ["bees"]
     assert catalog.count_images(db, catalog.ImageFilter(class_name="bees")) == 4
     history = catalog.label_history(db, ids[0])
     assert [(h["old_label"], h["new_label"]) for h in history] == [(None, "bee"), ("bee", "bees")]
     assert history[1]["who"] == "ben" and history[1]["reason"].startswith("merge")
     with pytest.raises(LoupeError, match="two different"):
-        catalog.merge_classes(db, "bees", "bees", "ben")
+        catalog.merge_classes(db, "bees", "bees", actor=BEN)
 
 
 def test_archive_hides_class_keeps_labels_and_add_restores(db):
     [image] = add_images(db, 1)
-    catalog.set_label(db, image, "wasps", "ana")
-    catalog.archive_class(db, "wasps")
+    catalog.set_label(db, image, "wasps", actor=ANA)
+    catalog.archive_class(db, "wasps", actor=ANA)
     assert "wasps" not in catalog.class_names(db)
     assert catalog.get_image(db, image)["label"] == "wasps"
-    catalog.add_class(db, "wasps")
+    catalog.add_class(db, "wasps", actor=ANA)
     assert "wasps" in catalog.class_names(db)
 
 
 def test_class_names_are_cleaned_and_validated(db):
-    catalog.add_class(db, "  red   ant ")
+    catalog.add_class(db, "  red   ant ", actor=ANA)
     assert catalog.class_names(db) == ["red ant"]
     with pytest.raises(LoupeError):
-        catalog.add_class(db, "   ")
+        catalog.add_class(db, "   ", actor=ANA)
 
 
 def test_filters_pagination_and_navigation(db):
     ids = add_images(db, 30)
-    catalog.set_labels(db, ids[:10], "ants", "ana")
+    catalog.set_labels(db, ids[:10], "ants", actor=ANA)
     assert catalog.count_images(db) == 30
     assert catalog.count_images(db, catalog.ImageFilter(unlabelled=True)) == 20
     assert catalog.count_images(db, catalog.ImageFilter(name_contains="img_1")) == 11
@@ -198,8 +203,8 @@ def test_filters_pagination_and_navigation(db):
 
 def test_overview_counts(db):
     ids = add_images(db, 10)
-    catalog.set_labels(db, ids[:6], "ants", "ana")
-    catalog.set_labels(db, ids[6:8], "bees", "ana")
+    catalog.set_labels(db, ids[:6], "ants", actor=ANA)
+    catalog.set_labels(db, ids[6:8], "bees", actor=ANA)
     summary = catalog.overview(db)
     assert (summary["images"], summary["labelled"], summary["unlabelled"]) == (10, 8, 2)
     assert {r["class"]: r["total"] for r in summary["per_class"]} == {"ants": 6, "bees": 2}

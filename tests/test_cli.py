@@ -1,9 +1,10 @@
+import getpass
 import shutil
 import subprocess
 
 import pytest
 
-from core import catalog
+from core import audit, catalog
 from core.cli import build_parser, main
 from core.workspace import connect, open_workspace
 from tests.conftest import add_labelled_images, image_bytes
@@ -32,7 +33,16 @@ def test_import_prints_counts_and_fills_the_catalog(tmp_path, capsys):
     assert "broken.jpg" in captured.err
     db = connect(open_workspace(tmp_path / "ws"))
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants", split="val")) == 1
-    assert catalog.label_history(db, 1)[0]["who"] == "import"
+    # The machine's own user, an admin, whatever folder the import roots of a server would allow.
+    user = f"cli:{getpass.getuser()}"
+    assert catalog.label_history(db, 1)[0]["who"] == user
+    assert [(e["who"], e["role"], e["details"]["source"]) for e in audit.list_entries(db) if e["action"] == "import"] == [
+        (user, "admin", "command line")]
+
+
+def test_import_takes_no_free_text_name_for_the_labels(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["import", "--workspace", str(tmp_path / "ws"), "--who", "someone else", str(tmp_path)])
 
 
 def test_import_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
@@ -60,7 +70,9 @@ def test_serve_defaults_to_the_data_workspace(monkeypatch):
 def test_train_runs_a_worker_and_prints_the_validation_figures(labelled_workspace, capsys):
     assert main(["train", "--workspace", str(labelled_workspace.root), "--preset", "quick"]) == 0
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert list(lines) == ["run_id", "status", "val_accuracy", "val_macro_f1", "seconds"]
+    figures = ["accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high"]
+    assert list(lines) == ["run_id", "status", *(f"{split}_{name}" for split in ("val", "test") for name in figures),
+                           "seconds"]
     assert (lines["run_id"], lines["status"]) == ("1", "succeeded")
     assert 0.0 <= float(lines["val_accuracy"]) <= 1.0 and 0.0 <= float(lines["val_macro_f1"]) <= 1.0
     assert float(lines["seconds"]) > 0

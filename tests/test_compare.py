@@ -3,9 +3,13 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from core import catalog, ingest, reviews
+from core.auth import Actor
 from core.compare import compare_runs, mcnemar_p_value, reviewer_agreement
 from tests.conftest import image_bytes
 
+IMPORTER = Actor("import", "admin")
+ANA = Actor("ana", "labeller")
+BEN, CLEO, EXPERT = Actor("ben", "reviewer"), Actor("cleo", "reviewer"), Actor("expert", "reviewer")
 RIGHT_CAT, WRONG_CAT, RIGHT_DOG, WRONG_DOG = [0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]
 
 
@@ -13,18 +17,18 @@ RIGHT_CAT, WRONG_CAT, RIGHT_DOG, WRONG_DOG = [0.9, 0.1], [0.3, 0.7], [0.2, 0.8],
 def val_images(workspace, db):
     """Three cat and three dog val images, and a few train images so runs have a snapshot."""
     ids = [
-        ingest.ingest_bytes(workspace, db, image_bytes((20 * n, 9, 9), (32, 32)), f"v{n}.png", label, "val").image_id
+        ingest.ingest_bytes(workspace, db, image_bytes((20 * n, 9, 9), (32, 32)), f"v{n}.png", label, "val", actor=IMPORTER).image_id
         for n, label in enumerate(["cat", "cat", "cat", "dog", "dog", "dog"])
     ]
     for n, label in enumerate(["cat", "cat", "dog", "dog"]):
-        ingest.ingest_bytes(workspace, db, image_bytes((9, 20 * n, 9), (32, 32)), f"t{n}.png", label, "train")
+        ingest.ingest_bytes(workspace, db, image_bytes((9, 20 * n, 9), (32, 32)), f"t{n}.png", label, "train", actor=IMPORTER)
     return ids
 
 
 def test_a_gain_from_excluding_a_misclassified_image_is_put_down_to_the_changed_images(workspace, db, make_run, val_images):
     outcomes = [RIGHT_CAT, RIGHT_CAT, WRONG_CAT, RIGHT_DOG, RIGHT_DOG, RIGHT_DOG]
     run_a = make_run(dict(zip(val_images, outcomes)))
-    reviews.record_review(db, val_images[2], "expert", "exclude")
+    reviews.record_review(db, val_images[2], "exclude", actor=EXPERT)
     run_b = make_run({i: p for i, p in zip(val_images, outcomes) if i != val_images[2]})
 
     diff = compare_runs(workspace, db, run_a, run_b)
@@ -40,7 +44,7 @@ def test_a_gain_from_excluding_a_misclassified_image_is_put_down_to_the_changed_
 def test_paired_images_relabelled_and_added_ones_are_told_apart(workspace, db, make_run, val_images):
     a_probs = dict(zip(val_images[:5], [WRONG_CAT, WRONG_CAT, RIGHT_CAT, RIGHT_DOG, RIGHT_DOG]))
     run_a = make_run(a_probs)
-    catalog.set_label(db, val_images[4], "cat", "expert")  # relabelled between the runs
+    catalog.set_label(db, val_images[4], "cat", actor=ANA)  # relabelled between the runs
     b_probs = dict(zip(val_images, [RIGHT_CAT, RIGHT_CAT, RIGHT_CAT, WRONG_DOG, RIGHT_CAT, RIGHT_DOG]))
     run_b = make_run(b_probs)
 
@@ -69,18 +73,18 @@ def test_mcnemar_exact_test_on_the_discordant_pairs():
 
 def test_agreement_between_labellers_and_reviewers_per_class_and_per_person(workspace, db):
     ids = [
-        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 30 * n), (32, 32)), f"a{n}.png").image_id
+        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 30 * n), (32, 32)), f"a{n}.png", actor=IMPORTER).image_id
         for n in range(6)
     ]
     for image_id, label in zip(ids, ["cat", "cat", "dog", "dog", "bird", "bird"]):
-        catalog.set_label(db, image_id, label, "ana")
-    reviews.record_review(db, ids[0], "ben", "confirm")
-    reviews.record_review(db, ids[1], "ben", "relabel", "dog")
-    reviews.record_review(db, ids[2], "ben", "confirm")
-    reviews.record_review(db, ids[3], "cleo", "confirm")
-    reviews.record_review(db, ids[4], "cleo", "relabel", "cat")
-    reviews.record_review(db, ids[4], "cleo", "relabel", "bird")  # only a reviewer's latest decision counts
-    reviews.record_review(db, ids[5], "cleo", "comment", comment="blurred")  # not a label decision
+        catalog.set_label(db, image_id, label, actor=ANA)
+    reviews.record_review(db, ids[0], "confirm", actor=BEN)
+    reviews.record_review(db, ids[1], "relabel", actor=BEN, class_name="dog")
+    reviews.record_review(db, ids[2], "confirm", actor=BEN)
+    reviews.record_review(db, ids[3], "confirm", actor=CLEO)
+    reviews.record_review(db, ids[4], "relabel", actor=CLEO, class_name="cat")
+    reviews.record_review(db, ids[4], "relabel", actor=CLEO, class_name="bird")  # only a reviewer's latest decision counts
+    reviews.record_review(db, ids[5], "comment", actor=CLEO, comment="blurred")  # not a label decision
 
     agreement = reviewer_agreement(db)
     labeller = ["cat", "cat", "dog", "dog", "bird"]

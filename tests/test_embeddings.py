@@ -16,6 +16,7 @@ from core.embeddings import (
 )
 from core.ingest import ingest_bytes
 from core.training import dataset_from_catalog
+from tests.conftest import TESTER
 
 
 def striped_png(color, vertical: bool, size: int = 48) -> bytes:
@@ -32,7 +33,7 @@ def striped_png(color, vertical: bool, size: int = 48) -> bytes:
 @pytest.fixture
 def items(workspace, db):
     for i in range(4):
-        ingest_bytes(workspace, db, striped_png((200, 10 * i, 0), vertical=True), f"v{i}.png")
+        ingest_bytes(workspace, db, striped_png((200, 10 * i, 0), vertical=True), f"v{i}.png", actor=TESTER)
     return dataset_from_catalog(workspace, db).items
 
 

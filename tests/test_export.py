@@ -12,7 +12,7 @@ from core.catalog import now
 from core.errors import LoupeError
 from core.images import open_image_rgb
 from core.workspace import connect, open_workspace
-from tests.conftest import add_labelled_images
+from tests.conftest import TESTER, add_labelled_images
 from tests.exported_run import make_succeeded_run, tiny_model
 
 CLASSES = ["red", "blue"]
@@ -32,7 +32,7 @@ def exported(tmp_path_factory):
         ["glare on the left edge fools it", now()],
     )
     steps = []
-    report = export.export_run(ws, db, root / "bundle.zip", int8=True, on_step=steps.append)
+    report = export.export_run(ws, db, root / "bundle.zip", int8=True, on_step=steps.append, actor=TESTER)
     yield {"ws": ws, "db": db, "run_id": run_id, "trained": trained, "report": report, "steps": steps}
     db.close()
 
@@ -153,7 +153,7 @@ def test_a_model_that_disagrees_with_pytorch_is_never_offered(exported, monkeypa
     monkeypatch.setattr(export, "export_onnx", export_with_shifted_logits)
     out = tmp_path / "refused.zip"
     with pytest.raises(LoupeError, match="does not match the trained model"):
-        export.export_run(exported["ws"], exported["db"], out)
+        export.export_run(exported["ws"], exported["db"], out, actor=TESTER)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -170,12 +170,12 @@ def test_an_invalid_onnx_file_is_never_offered(exported, tmp_path):
 
 def test_only_a_succeeded_run_can_be_exported(workspace, db, tmp_path):
     with pytest.raises(LoupeError, match="no current model"):
-        export.export_run(workspace, db, tmp_path / "b.zip")
+        export.export_run(workspace, db, tmp_path / "b.zip", actor=TESTER)
     run_id = db.execute(
         "INSERT INTO runs (status, config, created_at) VALUES ('failed', '{}', ?)", [now()]
     ).lastrowid
     with pytest.raises(LoupeError, match="status failed"):
-        export.export_run(workspace, db, tmp_path / "b.zip", run_id=run_id)
+        export.export_run(workspace, db, tmp_path / "b.zip", run_id=run_id, actor=TESTER)
     assert not (tmp_path / "b.zip").exists()
 
 
@@ -200,7 +200,7 @@ def test_the_bundle_carries_the_workspace_decode_budget(exported, tmp_path):
     ws, db = exported["ws"], exported["db"]
     catalog.set_decode_budget_bytes(db, 32 * 2**20)
     try:
-        report = export.export_run(ws, db, tmp_path / "budget.zip")
+        report = export.export_run(ws, db, tmp_path / "budget.zip", actor=TESTER)
     finally:
         catalog.set_setting(db, "decode_budget_bytes", images.DEFAULT_DECODE_BUDGET_BYTES)
     with zipfile.ZipFile(report.path) as bundle:

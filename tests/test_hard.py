@@ -5,11 +5,14 @@ import pytest
 from sklearn.preprocessing import normalize
 
 from core import catalog, hard, ingest, uncertainty
+from core.auth import Actor
 from core.errors import LoupeError
 from core.metrics import RunPredictions, load_run_predictions
 from PIL import Image, ImageDraw
 
 from tests.conftest import add_labelled_images, image_bytes
+
+ME = Actor("me", "admin")
 
 
 def blobs(per_class=30, classes=2, dim=16, seed=0):
@@ -91,15 +94,16 @@ def test_near_duplicates_flag_leakage_and_conflicting_labels():
 def test_labelling_orders():
     probs = np.array([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]])
     assert hard.labelling_order(probs, "margin").tolist() == [1, 2, 0]
-    # Diverse: the first batch covers every cluster, even where the model is sure.
+    # Diverse: the first batch spreads over the places where the model hesitates, where the
+    # least sure images alone all come from one of them.
     x, y = blobs(per_class=20, classes=4, dim=8)
-    rng = np.random.default_rng(1)
-    probs = rng.dirichlet([1, 1], size=len(y))
-    probs[y == 0] = [0.5, 0.5]  # all the doubt sits in one cluster
-    order = hard.labelling_order(probs, "diverse", x, batch=4)
-    assert sorted(y[order[:4]].tolist()) == [0, 1, 2, 3]
+    probs = np.tile([0.95, 0.05], (len(y), 1))
+    probs[np.flatnonzero(y == 0)[:5]] = [0.50, 0.50]
+    probs[np.flatnonzero(y == 2)[:5]] = [0.53, 0.47]
+    order = hard.labelling_order(probs, "diverse", x, batch=2)
+    assert sorted(y[order[:2]].tolist()) == [0, 2]
     assert sorted(order.tolist()) == list(range(len(y)))
-    assert set(y[hard.labelling_order(probs, "margin")[:4]]) == {0}
+    assert set(y[hard.labelling_order(probs, "margin")[:2]]) == {0}
     with pytest.raises(LoupeError, match="embeddings"):
         hard.labelling_order(probs, "diverse")
     assert hard.labelling_order(np.zeros((0, 2)), "diverse").tolist() == []  # nothing left to label
@@ -127,7 +131,8 @@ def test_queues_from_a_run(workspace, db, make_run):
 def test_label_page_order_and_suggestion(workspace, db, make_run):
     add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
     unsure, sure, unseen = (
-        ingest.ingest_bytes(workspace, db, image_bytes((9, 9, n), (32, 32)), f"u{n}.png").image_id for n in range(3)
+        ingest.ingest_bytes(workspace, db, image_bytes((9, 9, n), (32, 32)), f"u{n}.png", actor=ME).image_id
+        for n in range(3)
     )
     assert uncertainty.unsure_first_image_ids(db) == [unsure, sure, unseen]  # no model yet: catalog order
     make_run({unsure: [0.55, 0.45], sure: [0.05, 0.95]})
@@ -136,18 +141,19 @@ def test_label_page_order_and_suggestion(workspace, db, make_run):
     assert uncertainty.unsure_first_image_ids(db) == [sure, unsure, unseen]
     assert uncertainty.suggested_label(db, unsure) == ("red", pytest.approx(0.99))
     assert uncertainty.suggested_label(db, unseen) is None
-    catalog.set_label(db, sure, "blue", "me")
+    catalog.set_label(db, sure, "blue", actor=ME)
     assert sure not in uncertainty.unsure_first_image_ids(db)
 
 
 def test_next_unsure_image_walks_the_order(workspace, db, make_run):
     add_labelled_images(workspace, db, {"red": {"train": 2, "val": 1}, "blue": {"train": 2, "val": 1}})
-    a, b, c = (ingest.ingest_bytes(workspace, db, image_bytes((7, n, 7), (32, 32)), f"n{n}.png").image_id for n in range(3))
+    a, b, c = (ingest.ingest_bytes(workspace, db, image_bytes((7, n, 7), (32, 32)), f"n{n}.png", actor=ME).image_id
+               for n in range(3))
     make_run({a: [0.9, 0.1], b: [0.5, 0.5], c: [0.6, 0.4]})
     assert uncertainty.next_unsure_image_id(db) == b
     assert uncertainty.next_unsure_image_id(db, b) == c
     assert uncertainty.next_unsure_image_id(db, a) == b  # wraps around
-    catalog.set_label(db, b, "red", "me")
+    catalog.set_label(db, b, "red", actor=ME)
     assert uncertainty.next_unsure_image_id(db, b) == c  # the one just labelled left the order
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from core import bundle_predict, catalog, images, ingest
 from core.errors import LoupeError
+from tests.conftest import TESTER
 
 # The EXIF orientations, as the transposition that makes the stored pixels upright (EXIF 2.3, tag 0x0112).
 UPRIGHT = {
@@ -160,19 +161,19 @@ def test_a_float_image_is_converted_without_a_full_size_float64_copy():
 
 
 def test_the_workspace_budget_applies_on_import(workspace, db):
-    catalog.set_decode_budget_bytes(db, 16 * 2**20)
+    catalog.set_decode_budget_bytes(db, 16 * 2**20, actor=TESTER)
     big = saved(Image.new("RGB", (3000, 3000), (10, 20, 30)), "PNG")
-    outcome = ingest.ingest_bytes(workspace, db, big, "big.png")
+    outcome = ingest.ingest_bytes(workspace, db, big, "big.png", actor=TESTER)
     assert outcome.status == "rejected"
     assert "decoded size 26 MB exceeds this workspace's 16 MB budget" in outcome.reason
-    catalog.set_decode_budget_bytes(db, 32 * 2**20)
-    assert ingest.ingest_bytes(workspace, db, big, "big.png").status == "added"
+    catalog.set_decode_budget_bytes(db, 32 * 2**20, actor=TESTER)
+    assert ingest.ingest_bytes(workspace, db, big, "big.png", actor=TESTER).status == "added"
 
 
 @pytest.mark.parametrize("budget", [1024, 2**40, "256 MB", True, 256.0])
 def test_a_decode_budget_outside_its_bounds_is_refused(db, budget):
     with pytest.raises(LoupeError, match="decode budget"):
-        catalog.set_decode_budget_bytes(db, budget)
+        catalog.set_decode_budget_bytes(db, budget, actor=TESTER)
     catalog.set_setting(db, "decode_budget_bytes", budget)
     with pytest.raises(LoupeError, match="decode budget setting is invalid"):
         catalog.decode_budget_bytes(db)

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from core import catalog, images, ingest
+from core.auth import ADMIN, Actor
 from core.errors import LoupeError
-from tests.conftest import image_bytes, require_dataset
+from tests.conftest import TESTER, image_bytes, require_dataset
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -105,7 +106,7 @@ def assert_catalog_consistent(ws, db) -> None:
 
 def test_hostile_corpus_each_file_gets_the_right_outcome(workspace, db, tmp_path):
     items = [ingest.ImportItem(name, lambda data=data: data) for name, (data, _, _) in HOSTILE_CORPUS.items()]
-    outcomes = ingest.ingest_items(workspace, db, items)
+    outcomes = ingest.ingest_items(workspace, db, items, actor=TESTER, source="upload")
     for (name, (_, status, reason)), outcome in zip(HOSTILE_CORPUS.items(), outcomes):
         assert outcome.status == status, (name, outcome)
         assert reason in outcome.reason, (name, outcome)
@@ -138,7 +139,7 @@ def test_hostile_images_are_normalised_to_rgb(workspace, db):
 
 def test_added_image_keeps_original_bytes_and_thumbnail(workspace, db):
     data = HOSTILE_CORPUS["rotated.jpg"][0]
-    outcome = ingest.ingest_bytes(workspace, db, data, "rotated.jpg")
+    outcome = ingest.ingest_bytes(workspace, db, data, "rotated.jpg", actor=TESTER)
     row = catalog.get_image(db, outcome.image_id)
     assert (workspace.root / row["path"]).read_bytes() == data
     assert (row["width"], row["height"], row["format"]) == (20, 40, "JPEG")
@@ -151,8 +152,8 @@ def test_added_image_keeps_original_bytes_and_thumbnail(workspace, db):
 
 def test_duplicates_are_reported_not_stored_twice(workspace, db):
     data = image_bytes((5, 5, 5))
-    first = ingest.ingest_bytes(workspace, db, data, "a.png")
-    second = ingest.ingest_bytes(workspace, db, data, "copy of a.png", label="ants")
+    first = ingest.ingest_bytes(workspace, db, data, "a.png", actor=TESTER)
+    second = ingest.ingest_bytes(workspace, db, data, "copy of a.png", label="ants", actor=TESTER)
     assert first.status == "added"
     assert (second.status, second.image_id) == ("duplicate", first.image_id)
     assert second.reason == f"duplicate of #{first.image_id}"
@@ -168,7 +169,7 @@ def test_failed_catalog_write_leaves_no_files(workspace, db, monkeypatch):
 
     monkeypatch.setattr(catalog, "insert_new_image", broken_insert)
     with pytest.raises(RuntimeError):
-        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 7)), "a.png")
+        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 7)), "a.png", actor=TESTER)
     assert_catalog_consistent(workspace, db)
     assert catalog.count_images(db) == 0
 
@@ -192,7 +193,7 @@ def test_zip_upload_labels_by_folder_and_pins_splits(workspace, db):
             "dataset/train/ants/notes.txt": b"not an image",
         }
     )
-    outcomes = ingest.ingest_upload(workspace, db, "dataset.zip", data)
+    outcomes = ingest.ingest_upload(workspace, db, "dataset.zip", data, actor=TESTER)
     assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "conflicts": 0, "rejected": 1, "skipped": 1}
     rows = db.query(
         "SELECT original_name, classes.name AS label, split, pinned FROM images "
@@ -214,7 +215,7 @@ def test_zip_entries_with_names_that_cannot_be_taken_are_rejected_with_the_reaso
         "photos\\cats\\z.png": image_bytes((8, 4, 4)),
         "photos/dogs/fine.png": image_bytes((8, 5, 5)),
     })
-    outcomes = ingest.ingest_upload(workspace, db, "evil.zip", data)
+    outcomes = ingest.ingest_upload(workspace, db, "evil.zip", data, actor=TESTER)
     assert [o.status for o in outcomes] == ["rejected"] * 4 + ["added"]
     reasons = [o.reason for o in outcomes[:4]]
     assert all(r.startswith("unsafe name in the archive") for r in reasons)
@@ -226,7 +227,7 @@ def test_zip_entries_with_names_that_cannot_be_taken_are_rejected_with_the_reaso
 
 
 def test_a_damaged_zip_is_rejected_as_one_file(workspace, db):
-    [damaged] = ingest.ingest_upload(workspace, db, "broken.zip", b"PK\x03\x04 not really")
+    [damaged] = ingest.ingest_upload(workspace, db, "broken.zip", b"PK\x03\x04 not really", actor=TESTER)
     assert damaged.status == "rejected" and "zip" in damaged.reason
     assert_catalog_consistent(workspace, db)
 
@@ -236,7 +237,7 @@ def test_damaged_zip_entry_is_rejected_alone(workspace, db):
     data = bytearray(make_zip({"good.png": good, "bad.png": bad}))
     start = data.find(bad)
     data[start + 20 : start + 30] = b"\x00" * 10  # CRC no longer matches
-    outcomes = ingest.ingest_upload(workspace, db, "mixed.zip", bytes(data))
+    outcomes = ingest.ingest_upload(workspace, db, "mixed.zip", bytes(data), actor=TESTER)
     assert [o.status for o in outcomes] == ["added", "rejected"]
     assert "zip entry" in outcomes[1].reason
 
@@ -260,16 +261,16 @@ def test_folder_import_imagefolder_layout(workspace, db, tmp_path):
             "loose.png": image_bytes((14, 0, 0)),
         },
     )
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
     assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "conflicts": 0, "rejected": 0, "skipped": 1}
     assert (".hidden.png", "skipped", "hidden file") in [(o.name, o.status, o.reason) for o in outcomes]
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 2
     assert catalog.count_images(db, catalog.ImageFilter(class_name="bees")) == 1
     assert catalog.count_images(db, catalog.ImageFilter(unlabelled=True)) == 1
-    again = ingest.ingest_items(workspace, db, ingest.items_from_path(root))
+    again = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
     assert ingest.summarise(again) == {"added": 0, "duplicates": 4, "conflicts": 0, "rejected": 0, "skipped": 1}
-    with pytest.raises(LoupeError, match="not a folder"):
-        ingest.items_from_path(tmp_path / "missing")
+    with pytest.raises(LoupeError, match="does not exist"):
+        ingest.items_from_path(tmp_path / "missing", actor=TESTER, roots=[tmp_path])
 
 
 def test_folder_import_pins_train_val_test(workspace, db, tmp_path):
@@ -278,7 +279,7 @@ def test_folder_import_pins_train_val_test(workspace, db, tmp_path):
         {f"{split}/{cls}/{n}.png": image_bytes((n, i, j))
          for i, split in enumerate(catalog.SPLITS) for j, cls in enumerate(["ants", "bees"]) for n in range(2)},
     )
-    ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    ingest.ingest_items(workspace, db, ingest.items_from_folder(root), actor=TESTER, source="upload")
     for split in catalog.SPLITS:
         assert catalog.count_images(db, catalog.ImageFilter(split=split)) == 4
     assert db.execute("SELECT min(pinned) FROM splits").fetchone()[0] == 1
@@ -288,9 +289,9 @@ def test_list_file_import(workspace, db, tmp_path):
     write_tree(tmp_path / "imgs", {"one.png": image_bytes((20, 0, 0)), "two words.png": image_bytes((21, 0, 0))})
     listing = tmp_path / "labels.txt"
     listing.write_text("# path label\nimgs/one.png cat\n\nimgs/two words.png dog\nimgs/missing.png dog\n")
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(listing))
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(listing, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
     assert [o.status for o in outcomes] == ["added", "added", "rejected"]
-    assert "cannot read" in outcomes[2].reason
+    assert "cannot be read" in outcomes[2].reason
     assert catalog.get_image(db, outcomes[1].image_id)["label"] == "dog"
     listing.write_text("just-one-field\n")
     with pytest.raises(LoupeError, match="line 1"):
@@ -302,7 +303,7 @@ def test_list_file_import(workspace, db, tmp_path):
 
 def test_hymenoptera_imports_whole_with_its_splits_pinned(workspace, db):
     root = require_dataset("hymenoptera")
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root), actor=TESTER, source="upload")
     files = sum(1 for p in root.rglob("*") if p.is_file())
     assert ingest.summarise(outcomes) == {"added": files, "duplicates": 0, "conflicts": 0, "rejected": 0, "skipped": 0}
     summary = catalog.overview(db)
@@ -329,7 +330,7 @@ def test_a_zip_with_overlapping_entries_is_refused(workspace, db):
                               "ants/b.png", 0)
     with pytest.raises(LoupeError, match="overlap"):
         ingest.items_from_zip(data)
-    [outcome] = ingest.ingest_upload(workspace, db, "bomb.zip", data)
+    [outcome] = ingest.ingest_upload(workspace, db, "bomb.zip", data, actor=TESTER)
     assert outcome.status == "rejected" and "overlap" in outcome.reason
     assert catalog.count_images(db) == 0
 
@@ -352,7 +353,7 @@ def test_a_zip_entry_declared_larger_than_the_file_limit_is_rejected_unread(work
     monkeypatch.setattr(ingest, "MAX_FILE_BYTES", len(image_bytes((1, 1, 1))) - 1)
     items = ingest.items_from_zip(data)
     monkeypatch.setattr(ingest.zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("an oversized entry was read"))
-    outcome = ingest.ingest_items(workspace, db, items[:1])[0]
+    outcome = ingest.ingest_items(workspace, db, items[:1], actor=TESTER, source="upload")[0]
     assert (outcome.status, outcome.reason) == ("rejected", "zip entry larger than 0 MB")
 
 
@@ -363,7 +364,7 @@ def test_hidden_entries_and_macos_metadata_are_listed_as_skipped(workspace, db):
         "__MACOSX/set/ants/._a.png": b"resource fork",
         "set/.git/config": b"[core]",
     })
-    outcomes = ingest.ingest_upload(workspace, db, "set.zip", data)
+    outcomes = ingest.ingest_upload(workspace, db, "set.zip", data, actor=TESTER)
     assert [(o.name, o.status) for o in outcomes] == [
         ("a.png", "added"), (".DS_Store", "skipped"), ("._a.png", "skipped"), ("config", "skipped"),
     ]
@@ -377,8 +378,8 @@ def test_a_class_name_never_comes_from_a_climbing_or_absolute_path():
 
 
 def test_a_duplicate_with_another_label_is_kept_as_a_conflict(workspace, db):
-    first = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "rose.png", "rose")
-    outcome = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip")
+    first = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "rose.png", "rose", actor=TESTER)
+    outcome = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip", actor=TESTER)
     assert (outcome.status, outcome.image_id) == ("conflict", first.image_id)
     assert outcome.reason == f"duplicate of #{first.image_id}, labelled rose; this copy says tulip"
     assert catalog.get_image(db, first.image_id)["label"] == "rose"
@@ -386,11 +387,11 @@ def test_a_duplicate_with_another_label_is_kept_as_a_conflict(workspace, db):
     assert (conflict["image_id"], conflict["label"], conflict["claimed_label"], conflict["source_name"]) == (
         first.image_id, "rose", "tulip", "tulip.png"
     )
-    same = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "again.png", "rose")
+    same = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "again.png", "rose", actor=TESTER)
     assert same.status == "duplicate"
-    again = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip")
+    again = ingest.ingest_bytes(workspace, db, image_bytes((9, 9, 9)), "tulip.png", "tulip", actor=TESTER)
     assert again.status == "conflict" and len(catalog.open_import_conflicts(db)) == 1
-    catalog.set_label(db, first.image_id, "tulip", "expert")
+    catalog.set_label(db, first.image_id, "tulip", actor=Actor("expert", ADMIN))
     assert catalog.open_import_conflicts(db) == []
 
 
@@ -413,7 +414,7 @@ def test_loupe_import_prints_conflicts_and_skipped_and_takes_a_zip_by_its_conten
 def test_empty_and_relative_paths_are_refused():
     for path in ["", "   ", "photos/ants", "."]:
         with pytest.raises(LoupeError, match="full path"):
-            ingest.items_from_path(path)
+            ingest.items_from_path(path, actor=TESTER, roots=None)
 
 
 def test_a_folder_scan_reports_progress_and_can_be_cancelled(tmp_path):
@@ -439,7 +440,7 @@ def test_an_import_stops_between_files_when_cancelled_and_keeps_what_it_took(wor
     cancel = threading.Event()
     items = [ingest.ImportItem(f"{n}.png", lambda n=n: image_bytes((n, 5, 5))) for n in range(5)]
     outcomes = ingest.ingest_items(workspace, db, items, on_progress=lambda done: done == 2 and cancel.set(),
-                                   cancel=cancel)
+                                   cancel=cancel, actor=TESTER, source="upload")
     assert [o.status for o in outcomes] == ["added", "added"]
     assert catalog.count_images(db) == 2
     assert_catalog_consistent(workspace, db)
@@ -452,7 +453,7 @@ def test_symlinks_and_hidden_files_in_a_folder_are_listed_as_skipped(workspace, 
     (tmp_path / "secret.png").write_bytes(image_bytes((3, 9, 9)))
     (root / "ants" / "link.png").symlink_to(tmp_path / "secret.png")
     (root / "elsewhere").symlink_to(tmp_path)
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root))
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_folder(root), actor=TESTER, source="upload")
     skipped = {(o.name, o.reason) for o in outcomes if o.status == "skipped"}
     assert skipped == {
         (".cache", "hidden file (folder)"), ("elsewhere", "symbolic link (folder)"), ("link.png", "symbolic link"),
@@ -467,7 +468,7 @@ def test_list_file_errors_never_quote_the_file_or_server_paths(workspace, db, tm
         ingest.items_from_list_file(listing)
     assert str(error.value) == "passwd: line 1 is not `path label`."
     listing.write_text("../elsewhere/missing.png cat\n")
-    [outcome] = ingest.ingest_items(workspace, db, ingest.items_from_list_file(listing))
+    [outcome] = ingest.ingest_items(workspace, db, ingest.items_from_list_file(listing), actor=TESTER, source="upload")
     assert outcome.reason == "cannot read: No such file or directory"
 
 
@@ -491,7 +492,7 @@ def test_a_full_disk_gives_one_clear_message_and_loses_nothing(workspace, db, mo
     monkeypatch.setattr(os, "fdopen", fdopen_filling_the_disk)
     items = [ingest.ImportItem(f"{n}.png", lambda n=n: image_bytes((n, 6, 6))) for n in range(5)]
     with pytest.raises(LoupeError) as error:
-        ingest.ingest_items(workspace, db, items)
+        ingest.ingest_items(workspace, db, items, actor=TESTER, source="upload")
     assert str(error.value) == DISK_FULL_MESSAGE
     assert catalog.count_images(db) == 2  # the two whole images before it are kept
     assert_catalog_consistent(workspace, db)
@@ -508,7 +509,7 @@ def test_a_catalog_that_cannot_grow_gives_the_disk_full_message_and_leaves_no_fi
 
     monkeypatch.setattr(catalog, "insert_new_image", full)
     with pytest.raises(LoupeError, match="^" + DISK_FULL_MESSAGE.replace(".", r"\.") + "$"):
-        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 1)), "a.png")
+        ingest.ingest_bytes(workspace, db, image_bytes((7, 7, 1)), "a.png", actor=TESTER)
     assert_catalog_consistent(workspace, db)
     assert catalog.count_images(db) == 0
 
@@ -517,10 +518,10 @@ def test_an_import_that_loses_the_race_for_an_image_reports_a_duplicate(workspac
     from core.workspace import connect
 
     data = image_bytes((3, 1, 4))
-    batch = ingest._Batch(workspace, db, "import")
-    mine = ingest.ingest_bytes(workspace, db, data, "mine.png", "pi", batch=batch)
+    batch = ingest._Batch(workspace, db, TESTER)
+    mine = ingest.ingest_bytes(workspace, db, data, "mine.png", "pi", batch=batch, actor=TESTER)
     other = connect(workspace)  # another process stores the same bytes before this batch commits
-    theirs = ingest.ingest_bytes(workspace, other, data, "theirs.png", "pi")
+    theirs = ingest.ingest_bytes(workspace, other, data, "theirs.png", "pi", actor=TESTER)
     other.close()
     batch.commit()
     assert theirs.status == "added"
@@ -556,3 +557,54 @@ def test_two_processes_importing_overlapping_folders_both_finish_with_a_full_rep
     assert sum(r["added"] for r in reports) == 200
     assert catalog.count_images(db) == 200
     assert_catalog_consistent(workspace, db)
+
+
+def test_a_server_path_outside_the_import_roots_is_refused_after_resolving(tmp_path):
+    allowed = tmp_path / "allowed"
+    write_tree(tmp_path / "private", {"ants/a.png": image_bytes((30, 0, 0))})
+    allowed.mkdir()
+    (allowed / "escape").symlink_to(tmp_path / "private")
+    for path in [tmp_path / "private", allowed / ".." / "private", allowed / "escape"]:
+        with pytest.raises(LoupeError, match="outside the folders this server imports from"):
+            ingest.items_from_path(path, actor=TESTER, roots=[allowed])
+
+
+def test_a_list_file_cannot_name_files_outside_the_import_roots(workspace, db, tmp_path):
+    allowed = tmp_path / "allowed"
+    write_tree(allowed / "imgs", {"one.png": image_bytes((31, 0, 0))})
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image_bytes((32, 0, 0)))
+    listing = allowed / "labels.txt"
+    listing.write_text(f"imgs/one.png cat\n../secret.png dog\n{secret} dog\n")
+    items = ingest.items_from_path(listing, actor=TESTER, roots=[allowed])
+    assert [(item.verdict, item.read is None) for item in items] == [(None, False), ("rejected", True), ("rejected", True)]
+    outcomes = ingest.ingest_items(workspace, db, items, actor=TESTER, source="server disk")
+    assert [o.status for o in outcomes] == ["added", "rejected", "rejected"]
+    assert catalog.count_images(db) == 1
+
+
+@pytest.mark.parametrize("role", ["reviewer", "viewer", "labeller"])
+def test_only_admins_import_from_the_servers_disk(tmp_path, role):
+    write_tree(tmp_path / "tree", {"ants/a.png": image_bytes((33, 0, 0))})
+    with pytest.raises(LoupeError, match=f"Your role, {role}, cannot import images from the server's disk"):
+        ingest.items_from_path(tmp_path / "tree", actor=Actor("someone", role), roots=[tmp_path])
+
+
+def test_an_import_by_a_labeller_cannot_bring_back_an_archived_class(workspace, db):
+    catalog.add_class(db, "wasps", actor=TESTER)
+    catalog.archive_class(db, "wasps", actor=TESTER)
+    labeller = Actor("lea", "labeller")
+    outcome = ingest.ingest_bytes(workspace, db, image_bytes((34, 0, 0)), "w.png", "wasps", actor=labeller)
+    assert outcome.status == "rejected" and "archived" in outcome.reason
+    assert catalog.class_names(db) == [] and catalog.count_images(db) == 0
+
+
+def test_an_import_is_one_audit_entry_with_its_counts(workspace, db):
+    from core import audit
+
+    items = [ingest.ImportItem(f"{n}.png", lambda n=n: image_bytes((40 + n, 0, 0)), "ants") for n in range(3)]
+    ingest.ingest_items(workspace, db, items, actor=TESTER, source="zip")
+    [entry] = [e for e in audit.list_entries(db) if e["action"] != "class_change"]
+    assert (entry["who"], entry["action"], entry["details"]["source"], entry["details"]["added"]) == (
+        "tester", "import", "zip", 3)
+    assert {h["who"] for image_id in (1, 2, 3) for h in catalog.label_history(db, image_id)} == {"tester"}

@@ -6,12 +6,15 @@ import zipfile
 
 import pytest
 
-from tests.conftest import add_labelled_images
 from core import catalog, jobs, selection
+from core.auth import ADMIN, Actor
 from core.catalog import now
 from core.config import PRESETS, ResolvedConfig
 from core.errors import LoupeError
 from core.jobs import RunStatus
+from tests.conftest import add_labelled_images
+
+ACTOR = Actor("tester", ADMIN)
 
 LONG_AGO = "2000-01-01T00:00:00.000+00:00"
 
@@ -28,7 +31,7 @@ def set_run(db, run_id: int, **columns) -> None:
 
 
 def test_create_run_queues_a_snapshot_that_later_labelling_does_not_change(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
 
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.QUEUED
@@ -39,7 +42,7 @@ def test_create_run_queues_a_snapshot_that_later_labelling_does_not_change(label
     assert len(snapshot) == 14
 
     relabelled = next(iter(snapshot))
-    catalog.set_label(db, relabelled, "green", "tester")
+    catalog.set_label(db, relabelled, "green", actor=ACTOR)
     dataset, class_ids = selection.run_dataset(labelled_workspace, db, run_id)
 
     assert dataset.classes == ["red", "blue"]
@@ -56,7 +59,7 @@ def test_create_run_refuses_a_single_class_and_queues_nothing(workspace, db):
     add_labelled_images(workspace, db, {"red": {"train": 4, "val": 2}})
 
     with pytest.raises(LoupeError, match="at least 2 classes"):
-        jobs.create_run(workspace, db, PRESETS["quick"])
+        jobs.create_run(workspace, db, PRESETS["quick"], actor=ACTOR)
     assert jobs.list_runs(db) == []
 
 
@@ -64,20 +67,20 @@ def test_create_run_refuses_a_class_without_validation_images(workspace, db):
     add_labelled_images(workspace, db, {"red": {"train": 4, "val": 2}, "blue": {"train": 4}})
 
     with pytest.raises(LoupeError, match="'blue' has no validation image"):
-        jobs.create_run(workspace, db, PRESETS["quick"])
+        jobs.create_run(workspace, db, PRESETS["quick"], actor=ACTOR)
     assert jobs.list_runs(db) == []
 
 
 def test_only_one_run_trains_at_a_time(labelled_workspace, db):
-    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
-    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
+    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
 
     assert jobs.claim_run(db, first, 1001)
     assert not jobs.claim_run(db, second, 1002)
     assert jobs.get_run(db, second)["status"] == RunStatus.QUEUED
     assert jobs.get_run(db, second)["pid"] is None
-    # A busy workspace launches nothing; the queued run waits.
-    assert jobs.start_next_queued(labelled_workspace, db) == []
+    # A worker that is free finds nothing it may claim while the limit is reached.
+    assert jobs.claim_next(db, 1003) is None
 
     catalog.set_setting(db, jobs.MAX_ACTIVE_RUNS_SETTING, 2)
     assert jobs.claim_run(db, second, 1002)
@@ -85,11 +88,11 @@ def test_only_one_run_trains_at_a_time(labelled_workspace, db):
 
 
 def test_cancel_a_queued_run_cancels_it_and_a_running_one_asks_it_to_stop(labelled_workspace, db):
-    queued = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    queued = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     assert jobs.cancel(db, queued) == RunStatus.CANCELLED
     assert jobs.get_run(db, queued)["finished_at"]
 
-    running = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    running = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     jobs.claim_run(db, running, 1001)
     assert jobs.cancel(db, running) == RunStatus.CANCELLING
     assert jobs.get_run(db, running)["cancel_requested_at"]
@@ -98,7 +101,7 @@ def test_cancel_a_queued_run_cancels_it_and_a_running_one_asks_it_to_stop(labell
 
 
 def test_reap_fails_a_run_whose_worker_is_gone_but_waits_for_a_stale_heartbeat(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     jobs.claim_run(db, run_id, dead_pid())
 
     assert jobs.reap(labelled_workspace, db) == []
@@ -112,18 +115,84 @@ def test_reap_fails_a_run_whose_worker_is_gone_but_waits_for_a_stale_heartbeat(l
     assert run["finished_at"]
 
 
-def test_reap_fails_a_queued_run_whose_worker_died_before_starting(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
-    set_run(db, run_id, pid=dead_pid())
+def test_reap_fails_a_queued_run_whose_worker_died_before_its_first_heartbeat(labelled_workspace, db):
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
+    jobs.register_worker(db, dead_pid(), "local", at=now())
 
-    assert jobs.reap(labelled_workspace, db) == [run_id]
+    assert jobs.reap(labelled_workspace, db)[:1] == [run_id]
     run = jobs.get_run(db, run_id)
     assert run["status"] == RunStatus.FAILED
     assert run["error"].startswith(jobs.NEVER_STARTED_REASON)
+    assert list(db.query("SELECT * FROM workers")) == []
+
+
+def test_queueing_starts_one_worker_and_a_live_one_is_not_doubled(labelled_workspace, db):
+    assert jobs.start_next_queued(labelled_workspace, db) is None  # nothing queued: no worker
+    jobs.create_job(db, jobs.JobKind.BACKUP)
+    jobs.create_job(db, jobs.JobKind.DATASET_EXPORT)
+
+    pid = jobs.start_next_queued(labelled_workspace, db)
+    assert pid and jobs.worker_alive(pid)
+    assert jobs.start_next_queued(labelled_workspace, db) is None
+    assert [w["pid"] for w in jobs.live_workers(db)] == [pid]
+
+
+def test_a_dead_workers_row_is_forgotten_and_the_next_job_starts_another(labelled_workspace, db):
+    gone = dead_pid()
+    jobs.register_worker(db, gone, "local")
+    jobs.create_job(db, jobs.JobKind.BACKUP)
+
+    assert jobs.live_workers(db) == []
+    pid = jobs.start_next_queued(labelled_workspace, db)
+    assert pid not in (None, gone)
+
+
+def test_an_idle_worker_retires_only_when_no_job_waits(labelled_workspace, db):
+    jobs.register_worker(db, 1001, "local")
+    job_id = jobs.create_job(db, jobs.JobKind.BACKUP)
+    assert not jobs.retire_worker(db, 1001, only_when_idle=True)
+    assert jobs.claim_next(db, 1001) == job_id
+    assert jobs.retire_worker(db, 1001, only_when_idle=True)
+    assert list(db.query("SELECT * FROM workers")) == []
+
+
+def test_jobs_of_every_kind_share_the_queue_in_order_but_only_training_runs_are_runs(labelled_workspace, db):
+    backup = jobs.create_job(db, jobs.JobKind.BACKUP)
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
+    export = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": run_id, "int8": True})
+
+    assert [r["id"] for r in jobs.list_runs(db)] == [run_id]
+    assert [r["id"] for r in jobs.active_runs(db)] == [run_id]
+    assert [j["id"] for j in jobs.active_jobs(db)] == [backup, run_id, export]
+    assert jobs.get_run(db, export)["params"] == {"run_id": run_id, "int8": True}
+    assert jobs.job_title(jobs.get_run(db, export)) == f"Export #{export}"
+    assert [jobs.claim_next(db, 1001)] == [backup]
+    jobs.finish_job(db, backup, {"bytes": 10})
+    assert jobs.claim_next(db, 1001) == run_id
+
+
+def test_a_job_can_be_cancelled_like_a_run(labelled_workspace, db):
+    job_id = jobs.create_job(db, jobs.JobKind.DATASET_EXPORT)
+    assert jobs.claim_next(db, 1001) == job_id
+    assert jobs.cancel(db, job_id) == RunStatus.CANCELLING
+    jobs.finish_unsuccessful(db, job_id, RunStatus.CANCELLED)
+    assert jobs.get_run(db, job_id)["status"] == RunStatus.CANCELLED
+
+
+def test_the_executor_is_a_workspace_setting_and_ray_needs_an_address(db):
+    assert jobs.executor_settings(db) == ("local", None)
+    with pytest.raises(LoupeError, match="--ray-address"):
+        jobs.set_executor(db, "ray")
+    with pytest.raises(LoupeError, match="one of local, ray"):
+        jobs.set_executor(db, "spark")
+    jobs.set_executor(db, "ray", ray_address="10.0.0.5:6379")
+    assert jobs.executor_settings(db) == ("ray", "10.0.0.5:6379")
+    jobs.set_executor(db, "local")
+    assert jobs.executor_settings(db) == ("local", None)
 
 
 def test_reap_stops_a_run_that_ignores_its_cancel(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     # A live process in its own group that never looks at the catalog.
     stubborn = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", "core.worker"], start_new_session=True
@@ -141,8 +210,8 @@ def test_reap_stops_a_run_that_ignores_its_cancel(labelled_workspace, db):
 
 
 def test_promote_only_a_succeeded_run_and_only_one_is_current(labelled_workspace, db):
-    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
-    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    first = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
+    second = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     with pytest.raises(LoupeError, match="did not succeed"):
         jobs.promote(db, first)
 
@@ -158,7 +227,7 @@ def test_promote_only_a_succeeded_run_and_only_one_is_current(labelled_workspace
 def test_finish_succeeded_stores_predictions_metrics_and_the_resolved_config_and_makes_the_run_current(
     labelled_workspace, db
 ):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     jobs.claim_run(db, run_id, 1001)
     red = catalog.require_class(db, "red")["id"]
     as_run = {**PRESETS["quick"].to_dict(), "image_size": 288, "device": "cpu"}
@@ -199,7 +268,7 @@ def test_run_seconds_from_start_to_finish():
 
 
 def test_run_config_falls_back_to_the_stored_config_for_runs_without_a_resolved_one(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["thorough"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["thorough"], actor=ACTOR)
     # A run that succeeded before resolved configs were kept: its `config` was replaced by the one as run.
     set_run(db, run_id, config=json.dumps({**PRESETS["thorough"].to_dict(), "image_size": 288}))
 
@@ -212,7 +281,7 @@ def test_run_config_falls_back_to_the_stored_config_for_runs_without_a_resolved_
 
 def test_create_run_refuses_a_config_that_cannot_work_and_queues_nothing(labelled_workspace, db):
     with pytest.raises(LoupeError, match="epochs"):
-        jobs.create_run(labelled_workspace, db, dataclasses.replace(PRESETS["quick"], epochs=0))
+        jobs.create_run(labelled_workspace, db, dataclasses.replace(PRESETS["quick"], epochs=0), actor=ACTOR)
     assert jobs.list_runs(db) == []
 
 
@@ -249,7 +318,7 @@ def test_a_run_trained_on_a_gpu_opens_for_review_grad_cam_and_export_on_a_cpu_on
     assert heatmap.shape == (32, 32)
 
     exported = as_if_trained_on_a_gpu(db, make_succeeded_run(workspace, db, tiny_model(["red", "blue"])))
-    report = export.export_run(workspace, db, tmp_path / "bundle.zip", run_id=exported["id"])
+    report = export.export_run(workspace, db, tmp_path / "bundle.zip", run_id=exported["id"], actor=ACTOR)
     assert report.checks.same_classes
     with zipfile.ZipFile(report.path) as bundle:
         assert '"device": "cuda"' in bundle.read("model_card.md").decode()

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from core import catalog, ingest
+from core.auth import Actor
 from core.errors import LoupeError
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -21,6 +22,8 @@ from core.metrics import (
     stored_headline,
 )
 from tests.conftest import image_bytes
+
+IMPORTER = Actor("import", "admin")
 
 
 def predictions(probs, labels, splits=None, classes=("cat", "dog")):
@@ -89,9 +92,9 @@ def test_confusion_cell_lists_exactly_its_images():
 def four_val_images(workspace, db):
     ids = []
     for n, label in enumerate(["cat", "cat", "dog", "dog"]):
-        ids.append(ingest.ingest_bytes(workspace, db, image_bytes((10 * n, 0, 0), (32, 32)), f"v{n}.png", label, "val").image_id)
+        ids.append(ingest.ingest_bytes(workspace, db, image_bytes((10 * n, 0, 0), (32, 32)), f"v{n}.png", label, "val", actor=IMPORTER).image_id)
     for n, label in enumerate(["cat", "cat", "dog", "dog"]):
-        ingest.ingest_bytes(workspace, db, image_bytes((0, 10 * n, 0), (32, 32)), f"t{n}.png", label, "train")
+        ingest.ingest_bytes(workspace, db, image_bytes((0, 10 * n, 0), (32, 32)), f"t{n}.png", label, "train", actor=IMPORTER)
     return ids
 
 
@@ -102,7 +105,7 @@ def test_run_predictions_come_from_the_catalog_and_keep_the_labels_of_their_run(
     assert loaded.classes == ["cat", "dog"]
     assert split_metrics(loaded, "val").confusion.tolist() == [[1, 1], [0, 2]]
     # Relabelling afterwards does not change what the run is measured against.
-    catalog.set_label(db, ids[1], "dog", "expert")
+    catalog.set_label(db, ids[1], "dog", actor=IMPORTER)
     assert split_metrics(load_run_predictions(workspace, db, run), "val").accuracy == pytest.approx(0.75)
 
 

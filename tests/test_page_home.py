@@ -1,12 +1,16 @@
 import io
+import json
 import zipfile
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import catalog
+from core import accounts, audit, catalog
+from core.auth import ADMIN, Actor
 from core.errors import LoupeError
-from tests.conftest import APP, image_bytes
+from core.serve import IMPORT_ROOTS_ENV, MODE_ENV, TEAM
+from dashboard.state import literal
+from tests.conftest import APP, TESTER, image_bytes
 
 
 @pytest.fixture
@@ -49,7 +53,8 @@ def test_upload_images_and_zip_reports_each_file(home, db):
     assert catalog.count_images(db) == 3 and len(list(db.query("SELECT * FROM label_events"))) == 2
 
 
-def test_server_folder_import(home, db, tmp_path):
+def test_server_folder_import(home, db, tmp_path, monkeypatch):
+    monkeypatch.setenv(IMPORT_ROOTS_ENV, str(tmp_path))
     for rel, color in [("train/ants/a.png", 1), ("val/ants/b.png", 2), ("val/bees/c.png", 3)]:
         path = tmp_path / "tree" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +65,31 @@ def test_server_folder_import(home, db, tmp_path):
     assert catalog.count_images(db, catalog.ImageFilter(split="val")) == 2
     home.text_input(key="server_path").input(str(tmp_path / "missing")).run()
     home.button(key="import_server").click().run()
-    assert "is not a folder" in home.error[0].value
+    assert "does not exist" in home.error[0].value
+
+
+def test_a_disk_import_outside_the_import_folders_is_refused(home, db, tmp_path, monkeypatch):
+    monkeypatch.setenv(IMPORT_ROOTS_ENV, str(tmp_path / "allowed"))
+    (tmp_path / "allowed").mkdir()
+    outside = tmp_path / "private" / "ants"
+    outside.mkdir(parents=True)
+    (outside / "a.png").write_bytes(image_bytes((5, 9, 9)))
+    home.run()
+    assert any(str(tmp_path / "allowed") in code.value for code in home.code)
+    home.text_input(key="server_path").input(str(tmp_path / "allowed" / ".." / "private")).run()
+    home.button(key="import_server").click().run()
+    assert "outside the folders this server imports from" in home.error[0].value
+    assert catalog.count_images(db) == 0
+
+
+def test_a_list_file_that_is_not_text_is_refused_without_quoting_it(home, db, tmp_path, monkeypatch):
+    monkeypatch.setenv(IMPORT_ROOTS_ENV, str(tmp_path))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2\n")
+    home.text_input(key="server_path").input(str(secret)).run()
+    home.button(key="import_server").click().run()
+    shown = " ".join(e.value for e in home.error)
+    assert "line 1" in shown and "hunter2" not in shown
 
 
 def test_a_copy_with_another_label_shows_as_a_conflict_in_the_report(home, db):
@@ -122,13 +151,13 @@ def test_a_full_disk_during_an_upload_is_one_clear_message(home, db, monkeypatch
     home.file_uploader(key="upload").upload("a.png", image_bytes((2, 0, 0)), "image/png")
     home.run()
     assert not home.exception
-    assert home.error[0].value == DISK_FULL_MESSAGE
+    assert home.error[0].value == literal(DISK_FULL_MESSAGE)
 
 
 def test_class_management(home, db):
     db_image = catalog.insert_image(db, {"sha256": "0" * 64, "path": "p", "thumb_path": "t", "width": 1,
-                                         "height": 1, "format": "PNG", "original_name": "x.png"})
-    catalog.set_label(db, db_image, "bee", "ana")
+                                         "height": 1, "format": "PNG", "original_name": "x.png"}, actor=TESTER)
+    catalog.set_label(db, db_image, "bee", actor=Actor("ana", ADMIN))
     for name in ["bees", "wasps"]:
         home.text_input(key="new_class").input(name)
         home.button(key="add_class").click().run()
@@ -159,3 +188,54 @@ def test_split_fractions(home, db):
     home.number_input(key="fraction_test").set_value(0.05)
     home.button(key="save_fractions").click().run()
     assert catalog.split_fractions(db) == pytest.approx({"train": 0.8, "val": 0.15, "test": 0.05})
+
+
+def signed_in_home(db, role: str) -> AppTest:
+    email = f"{role}@example.org"
+    accounts.add_user(db, email, role=role, password="a long password", by=TESTER)
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.session_state["loupe_session_token"] = accounts.sign_in(db, email, "a long password")
+    return at.run()
+
+
+@pytest.mark.parametrize("role, uploads, from_disk, adds_classes, changes_classes, splits", [
+    ("admin", True, True, True, True, True),
+    ("labeller", True, False, True, False, False),
+    ("reviewer", False, False, False, False, False),
+    ("viewer", False, False, False, False, False),
+])
+def test_home_offers_each_role_only_what_it_may_do(app_workspace, db, monkeypatch, role, uploads, from_disk,
+                                                   adds_classes, changes_classes, splits):
+    monkeypatch.setenv(MODE_ENV, TEAM)
+    monkeypatch.setenv(IMPORT_ROOTS_ENV, str(app_workspace.root.parent))
+    at = signed_in_home(db, role)
+    assert not at.exception
+    keys = {w.key for kind in ("file_uploader", "text_input", "button", "number_input") for w in at.get(kind)}
+    assert ("upload" in keys) == uploads
+    assert ("server_path" in keys) == from_disk
+    assert ("add_class" in keys) == adds_classes
+    assert ("rename_class" in keys) == changes_classes and ("merge_classes" in keys) == changes_classes
+    assert ("save_fractions" in keys) == splits
+
+
+def test_a_labeller_adds_a_class_and_the_audit_log_says_who(app_workspace, db, monkeypatch):
+    monkeypatch.setenv(MODE_ENV, TEAM)
+    at = signed_in_home(db, "labeller")
+    at.text_input(key="new_class").input("wasps")
+    at.button(key="add_class").click().run()
+    assert catalog.class_names(db) == ["wasps"]
+    [entry] = [e for e in audit.list_entries(db) if e["action"] == "class_change"]
+    assert (entry["who"], entry["role"], entry["details"]["change"]) == ("labeller@example.org", "labeller", "add")
+
+
+def test_hostile_class_and_file_names_are_shown_as_typed(home, db):
+    hostile = "![x](http://127.0.0.1:9/x.png) :red[alarm] <b>bold</b> & $x$"
+    home.text_input(key="new_class").input(hostile)
+    home.button(key="add_class").click().run()
+    [message] = home.success
+    # Escaped for Markdown: the page shows the name itself, not an image, a colour or a formula.
+    assert message.value.startswith("Class '\\!\\[x\\]\\(http")
+    assert "\\:red\\[alarm\\]" in message.value and "\\<b\\>" in message.value and "\\$x\\$" in message.value
+    [chart] = home.get("plotly_chart")
+    shown = {x for trace in json.loads(chart.proto.spec)["data"] for x in trace["x"]}
+    assert shown == {"![x](http://127.0.0.1:9/x.png) :red[alarm] &lt;b&gt;bold&lt;/b&gt; &amp; $x$"}

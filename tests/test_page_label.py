@@ -6,20 +6,25 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import catalog, ingest
+from core import catalog, embedding_map, ingest, similar
+from core.auth import ADMIN, Actor
 from core.errors import LoupeError
 from dashboard.components import class_keys, read_outbox
+from dashboard.state import literal
 from tests.conftest import APP, ROOT, image_bytes
+from tests.test_similar import cache_embeddings
 
 CLIENT = "0123456789abcdef"
+ANA = Actor("ana", ADMIN)
 
 
 def seed(ws, db, count: int, start: int = 0) -> list[int]:
     outcomes = [
-        ingest.ingest_bytes(ws, db, image_bytes((n, 40, 90), (24, 24)), f"photo_{n:03}.png")
+        ingest.ingest_bytes(ws, db, image_bytes((n, 40, 90), (24, 24)), f"photo_{n:03}.png", actor=ANA)
         for n in range(start, start + count)
     ]
     return [o.image_id for o in outcomes]
@@ -27,8 +32,8 @@ def seed(ws, db, count: int, start: int = 0) -> list[int]:
 
 @pytest.fixture
 def label_page(app_workspace, db):
-    catalog.add_class(db, "ants")
-    catalog.add_class(db, "bees")
+    catalog.add_class(db, "ants", actor=ANA)
+    catalog.add_class(db, "bees", actor=ANA)
     ids = seed(app_workspace, db, 5)
     at = AppTest.from_file(str(APP), default_timeout=30).run()
     at.text_input(key="user").input("ana").run()
@@ -60,7 +65,7 @@ def focus(at):
 
 def test_focus_mode_sends_a_window_of_unlabelled_images_with_their_keys(label_page, db):
     at, ids = label_page
-    catalog.set_label(db, ids[1], "ants", "ana")
+    catalog.set_label(db, ids[1], "ants", actor=ANA)
     data = focus(at)
     assert data["mode"] == "focus"
     assert [item["id"] for item in data["window"]] == [ids[0], ids[2], ids[3], ids[4]]
@@ -95,14 +100,14 @@ def test_an_undo_event_jumps_back_to_the_image_it_unlabelled(label_page, db):
     assert catalog.get_image(db, ids[0])["label"] is None
     assert data["show"] == {"token": f"{CLIENT}-2", "id": ids[0]} and data["window"][0]["id"] == ids[0]
     report(at, "focus_labeller", [{"id": f"{CLIENT}-3", "kind": "undo"}], current=ids[0])
-    assert at.success[0].value == "Nothing of yours to undo."
+    assert at.success[0].value == literal("Nothing of yours to undo.")
 
 
 def test_a_refused_event_is_acknowledged_and_its_reason_shown(label_page, db):
     at, ids = label_page
     focus(at)
     report(at, "focus_labeller", [label_event(1, [9999], "bees")], current=ids[0])
-    assert "no image #9999" in at.error[0].value
+    assert literal("There is no image #9999") in at.error[0].value
     assert component_data(at)["acked"] == [f"{CLIENT}-1"]
 
 
@@ -141,11 +146,50 @@ def test_grid_filters_by_predicted_class_and_confidence(label_page, db, make_run
     assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[3]]
 
 
+def test_find_similar_opens_the_nearest_images_in_the_grid_once_per_request(label_page, db):
+    at, ids = label_page
+    # Cached embeddings: the third image points the same way as the first, the others elsewhere.
+    cache_embeddings(db, {ids[0]: [1, 0, 0], ids[1]: [0, 1, 0], ids[2]: [0.9, 0.1, 0], ids[3]: [-0.1, 0, 1]})
+    focus(at)
+    at.session_state["focus_labeller"] = {"outbox": {"events": [], "similar": {"token": CLIENT, "image_id": ids[0]}}}
+    at.run()
+    assert at.radio(key="label_mode").value == "Grid"
+    assert at.info[0].value == literal(f"Showing the 3 images most similar to #{ids[0]}.")
+    assert [tile["id"] for tile in component_data(at)["tiles"]] == [ids[0], ids[2], ids[1], ids[3]]
+    at.button(key="close_grid_source").click().run()
+    assert len(component_data(at)["tiles"]) == 5  # the request is not made again
+    at.session_state["grid_labeller"] = {"outbox": {"events": [], "similar": {"token": "f" * 16, "image_id": ids[4]}}}
+    at.run()
+    assert "no cached embedding" in at.error[0].value
+
+
+def test_the_map_is_drawn_from_the_cached_map_coloured_by_label(label_page, db, app_workspace):
+    at, ids = label_page
+    catalog.set_label(db, ids[0], "bees", actor=ANA)
+    cache_embeddings(db, {i: [1.0, float(n)] for n, i in enumerate(ids)})
+    signature = similar.embedding_signature(db, "lite0|test")
+    path = embedding_map.map_path(app_workspace, "lite0|test", signature)
+    path.parent.mkdir(parents=True)
+    np.savez(path, image_ids=np.array(ids), xy=np.arange(10, dtype=np.float32).reshape(5, 2))
+    at.radio(key="label_mode").set_value("Map").run()
+    assert not at.exception
+    [chart] = at.get("plotly_chart")
+    figure = json.loads(chart.proto.spec)
+    assert {trace["name"] for trace in figure["data"]} == {"bees", "unlabelled"}
+    assert at.button(key="open_map_selection").disabled  # nothing selected yet
+
+
+def test_the_map_page_says_what_it_needs_before_any_embedding_exists(label_page):
+    at, _ = label_page
+    at.radio(key="label_mode").set_value("Map").run()
+    assert "train a model" in at.info[0].value
+
+
 def test_a_typed_class_name_matches_an_existing_class_whatever_its_case(label_page, db):
     at, _ = label_page
     at.text_input(key="label_new_class").input("Bees ").run()
     at.button(key="label_add_class").click().run()
-    assert at.success[0].value == "'Bees' is the existing class 'bees'."
+    assert at.success[0].value == literal("'Bees' is the existing class 'bees'.")
     assert catalog.class_names(db) == ["ants", "bees"]
     at.text_input(key="label_new_class").input(" wasps").run()
     at.button(key="label_add_class").click().run()
@@ -154,7 +198,7 @@ def test_a_typed_class_name_matches_an_existing_class_whatever_its_case(label_pa
 
 def test_rename_merge_and_archive_ask_for_confirmation_and_can_be_undone(label_page, db):
     at, ids = label_page
-    catalog.set_labels(db, ids[:2], "ants", "ana")
+    catalog.set_labels(db, ids[:2], "ants", actor=ANA)
     at.selectbox(key="class_source").select("ants").run()
     at.text_input(key="class_target").input("Bees").run()
     at.button(key="ask_merge").click().run()
@@ -164,7 +208,7 @@ def test_rename_merge_and_archive_ask_for_confirmation_and_can_be_undone(label_p
     assert [catalog.get_image(db, i)["label"] for i in ids[:2]] == ["bees", "bees"]
     assert catalog.class_names(db) == ["bees"]
     at.button(key="undo_class_change").click().run()
-    assert at.success[0].value == "Moved 2 labels back to 'ants'."
+    assert at.success[0].value == literal("Moved 2 labels back to 'ants'.")
     assert [catalog.get_image(db, i)["label"] for i in ids[:2]] == ["ants", "ants"]
     assert catalog.class_names(db) == ["ants", "bees"]
 
@@ -182,16 +226,16 @@ def test_rename_merge_and_archive_ask_for_confirmation_and_can_be_undone(label_p
 
 def test_label_events_are_applied_once_per_id_even_when_refused(db, workspace):
     [image] = seed(workspace, db, 1)
-    first = catalog.apply_label_event(db, "a-1", [image], "ants", who="ana")
-    again = catalog.apply_label_event(db, "a-1", [image], "bees", who="ana")
+    first = catalog.apply_label_event(db, "a-1", [image], "ants", actor=ANA)
+    again = catalog.apply_label_event(db, "a-1", [image], "bees", actor=ANA)
     assert (first["fresh"], again["fresh"]) == (True, False)
     assert catalog.get_image(db, image)["label"] == "ants"
-    refused = catalog.apply_label_event(db, "a-2", [image, 12345], "bees", who="ana")
+    refused = catalog.apply_label_event(db, "a-2", [image, 12345], "bees", actor=ANA)
     assert "no image #12345" in refused["error"]
     assert catalog.get_image(db, image)["label"] == "ants"  # a refused event changes no label at all
-    assert not catalog.apply_label_event(db, "a-2", [image], "bees", who="ana")["fresh"]
-    assert catalog.apply_undo_event(db, "a-3", who="ana")["image_id"] == image
-    assert catalog.apply_undo_event(db, "a-3", who="ana")["image_id"] == image
+    assert not catalog.apply_label_event(db, "a-2", [image], "bees", actor=ANA)["fresh"]
+    assert catalog.apply_undo_event(db, "a-3", actor=ANA)["image_id"] == image
+    assert catalog.apply_undo_event(db, "a-3", actor=ANA)["image_id"] == image
     assert catalog.get_image(db, image)["label"] is None
 
 
@@ -215,17 +259,17 @@ def test_classes_get_digits_then_letters_that_leave_undo_and_find_similar_free()
 
 
 def test_a_catalog_class_name_is_matched_whatever_its_case(db):
-    catalog.add_class(db, "bees")
+    catalog.add_class(db, "bees", actor=ANA)
     assert catalog.matching_class_name(db, "  BEES ") == "bees"
-    assert catalog.add_class(db, "Bees") == catalog.add_class(db, "bees")
+    assert catalog.add_class(db, "Bees", actor=ANA) == catalog.add_class(db, "bees", actor=ANA)
     assert catalog.matching_class_name(db, "wasps") is None
-    catalog.rename_class(db, "bees", "Bees")  # a change of case is a rename, not a clash
+    catalog.rename_class(db, "bees", "Bees", actor=ANA)  # a change of case is a rename, not a clash
     assert catalog.class_names(db) == ["Bees"]
     change = catalog.last_class_change(db)
     assert change["details"] == {"old": "bees", "new": "Bees"}
-    catalog.undo_class_change(db, change["id"], who="ana")
+    catalog.undo_class_change(db, change["id"], actor=ANA)
     with pytest.raises(LoupeError, match="already undone"):
-        catalog.undo_class_change(db, change["id"], who="ana")
+        catalog.undo_class_change(db, change["id"], actor=ANA)
 
 
 def test_the_label_page_loads_without_torch_or_scikit_learn():

@@ -4,9 +4,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
+from core.auth import ADMIN, Actor
 from core.config import ALLOWED_VALUES, PRESETS
 from core.jobs import RunStatus
 from tests.conftest import APP, add_labelled_images
+
+ACTOR = Actor("tester", ADMIN)
 
 
 @pytest.fixture
@@ -73,3 +76,26 @@ def test_train_page_offers_the_presets_and_the_allowed_values_of_core_config(wor
     # Asking for a GPU is a setting like any other: whether this machine has one is the run's to find out.
     at.selectbox(key="config_quick_device").set_value("cuda").run()
     assert not at.exception and not at.error
+
+
+def test_train_page_queues_an_embedding_of_every_image_and_names_the_workers_other_jobs(
+    labelled_workspace, db, open_train_page
+):
+    at = open_train_page()
+    at.button(key="embed_all").click().run()
+
+    assert not at.exception
+    [job] = jobs.list_jobs(db, jobs.JobKind.EMBED)
+    assert [toast.value for toast in at.toast] == [f"Embedding #{job['id']} queued."]
+    assert job["params"]["config"] == PRESETS["quick"].to_dict()
+    assert jobs.list_runs(db) == []
+    assert any(f"Embedding #{job['id']}" in caption.value for caption in at.caption)
+
+
+def test_a_queued_run_says_it_starts_when_the_worker_is_free(labelled_workspace, db, open_train_page):
+    jobs.create_job(db, jobs.JobKind.BACKUP)
+    assert jobs.claim_next(db, 1001)  # a busy worker that is not a real process: the run stays queued
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
+
+    at = open_train_page()
+    assert f"Run #{run_id} is queued: it starts as soon as the worker is free." in [info.value for info in at.info]

@@ -46,6 +46,9 @@ STAGE_OF = {
     "core.training": "training",
     "core.calibration": "training",
     "core.fewshot": "training",
+    # Where a job's training and embedding run: in the worker, or on a Ray cluster.
+    "core.executors": "training",
+    "core.executor_ray": "training",
     "core.jobs": "runs",
     "core.metrics": "review",
     "core.compare": "review",

@@ -1,6 +1,6 @@
 from core import catalog, jobs, selection, uncertainty
 from core.config import PRESETS
-from tests.conftest import TWO_CLASSES, add_labelled_images
+from tests.conftest import TESTER, TWO_CLASSES, add_labelled_images
 
 
 def catalog_order(db) -> list[int]:
@@ -20,8 +20,8 @@ def test_both_label_orders_offer_the_same_images_leaving_out_excluded_ones(works
     unlabelled = catalog.image_ids(db, catalog.ImageFilter(unlabelled=True))
     make_run()  # the current model predicted every unlabelled image, the soon excluded one too
     exclude(db, unlabelled[1])
-    catalog.set_label(db, unlabelled[3], "green", "tester")
-    catalog.archive_class(db, "green")  # labelled with an archived class: not offered again either
+    catalog.set_label(db, unlabelled[3], "green", actor=TESTER)
+    catalog.archive_class(db, "green", actor=TESTER)  # labelled with an archived class: not offered again either
 
     expected = [unlabelled[0], unlabelled[2]]
     assert catalog_order(db) == expected
@@ -29,7 +29,7 @@ def test_both_label_orders_offer_the_same_images_leaving_out_excluded_ones(works
 
 
 def test_a_run_predicts_the_images_awaiting_a_label_when_it_trains_not_excluded_ones(labelled_workspace, db):
-    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"])
+    run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=TESTER)
     first, second = catalog.image_ids(db, catalog.ImageFilter(unlabelled=True))
     labelled = next(r["image_id"] for r in db.query("SELECT image_id FROM run_items WHERE run_id = ?", [run_id]))
     exclude(db, first)

@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 
 from core import catalog, ingest, similar
+from core.auth import ADMIN, Actor
 from core.errors import LoupeError
 from tests.conftest import image_bytes
+
+ADMIN_ACTOR = Actor("ana", ADMIN)
 
 
 def cache_embeddings(db, vectors: dict[int, list[float]], key: str = "lite0|test") -> None:
@@ -15,7 +18,7 @@ def cache_embeddings(db, vectors: dict[int, list[float]], key: str = "lite0|test
 
 @pytest.fixture
 def image_ids(workspace, db):
-    return [ingest.ingest_bytes(workspace, db, image_bytes((n * 40, 10, 10), (16, 16)), f"{n}.png").image_id
+    return [ingest.ingest_bytes(workspace, db, image_bytes((n * 40, 10, 10), (16, 16)), f"{n}.png", actor=ADMIN_ACTOR).image_id
             for n in range(5)]
 
 

@@ -22,6 +22,7 @@ from core.training import (
     train,
     trainable_parts,
 )
+from tests.conftest import TESTER
 from tests.test_embeddings import striped_png
 
 CLASS_STYLES = {"red_vertical": ((220, 20, 20), True), "blue_horizontal": ((20, 20, 220), False)}
@@ -53,10 +54,10 @@ def trainable(tmp_path_factory):
     for name, (color, vertical) in CLASS_STYLES.items():
         for i in range(6):
             shade = tuple(min(255, c + 6 * i) for c in color)
-            outcome = ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name, "val" if i >= 4 else "train")
+            outcome = ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name, "val" if i >= 4 else "train", actor=TESTER)
     for i, (color, vertical) in enumerate(CLASS_STYLES.values()):
-        ingest_bytes(ws, db, striped_png(tuple(c // 2 for c in color), vertical), f"new{i}.png")
-    excluded = ingest_bytes(ws, db, striped_png((0, 200, 0), True), "excluded.png", "red_vertical", "train")
+        ingest_bytes(ws, db, striped_png(tuple(c // 2 for c in color), vertical), f"new{i}.png", actor=TESTER)
+    excluded = ingest_bytes(ws, db, striped_png((0, 200, 0), True), "excluded.png", "red_vertical", "train", actor=TESTER)
     db.execute("UPDATE images SET excluded = 1 WHERE id = ?", [excluded.image_id])
     assert outcome.status == "added"
     yield ws, db
@@ -75,11 +76,11 @@ def test_dataset_from_catalog_leaves_out_excluded_and_archived(trainable):
     assert all(item.path.is_file() for item in dataset.items)
     assert {item.label for item in dataset.split("unlabelled")} == {None}
 
-    catalog.archive_class(db, "blue_horizontal")
+    catalog.archive_class(db, "blue_horizontal", actor=TESTER)
     try:
         archived = dataset_from_catalog(ws, db)
     finally:
-        catalog.archive_class(db, "blue_horizontal", archived=False)
+        catalog.archive_class(db, "blue_horizontal", archived=False, actor=TESTER)
     assert archived.classes == ["red_vertical"] and len(archived.split("train")) == 4
 
 
@@ -172,6 +173,8 @@ def test_head_training_gives_a_full_network_that_agrees_with_the_head(trainable)
     assert result.metrics["val_accuracy"] == 1.0 and result.metrics["val_macro_f1"] == 1.0
     assert 1 <= result.best_epoch <= 10
     assert result.config == resolve(quick(), dataset)
+    # Four validation images are too few to fit a temperature on: the probabilities stay as trained.
+    assert result.metrics["temperature"] == 1.0
 
     # The saved network, run on the images themselves, gives the head's probabilities.
     trained = result.model
@@ -184,6 +187,30 @@ def test_head_training_gives_a_full_network_that_agrees_with_the_head(trainable)
     np.testing.assert_allclose(probs.numpy(), expected, atol=1e-4)
     labels = np.array([i.label for i in dataset.split("val")])
     assert (probs[: len(labels)].argmax(dim=1).numpy() == labels).mean() == result.metrics["val_accuracy"]
+
+
+def test_a_temperature_fitted_on_validation_is_folded_into_the_saved_network(tmp_path):
+    from core.workspace import connect, open_workspace
+
+    ws = open_workspace(tmp_path / "ws")
+    db = connect(ws)
+    for name, (color, vertical) in CLASS_STYLES.items():
+        for i in range(20):
+            shade = tuple(min(255, c + 5 * i) for c in color)
+            split = "val" if i >= 4 else "train"
+            ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name, split, actor=TESTER)
+    dataset = dataset_from_catalog(ws, db)
+    result = train(quick(), dataset, Recorder(), EmbeddingCache(db))
+
+    temperature = result.metrics["temperature"]
+    assert temperature != pytest.approx(1.0, abs=0.05)
+    # The network that is saved and exported gives the calibrated probabilities itself.
+    val = dataset.split("val")
+    transform = result.model.preprocessing.eval_transform()
+    with torch.inference_mode():
+        probs = result.model.model(torch.stack([transform(open_image_rgb(i.path)) for i in val])).softmax(dim=1)
+    np.testing.assert_allclose(probs.numpy(), [result.probabilities[i.image_id] for i in val], atol=1e-4)
+    db.close()
 
 
 def test_warm_cache_embeds_nothing_new(trainable):

@@ -23,7 +23,7 @@ from core.workspace import (
     open_workspace,
     workspace_writes,
 )
-from tests.conftest import ROOT, add_labelled_images, image_bytes
+from tests.conftest import ROOT, TESTER, add_labelled_images, image_bytes
 from tests.test_ingest import assert_catalog_consistent
 
 # Imports images one by one and stalls, announcing it, at image STALL_AT; SYNC_BATCH images before it are committed.
@@ -32,7 +32,7 @@ import sys, time
 sys.path.insert(0, sys.argv[2])
 from core import ingest
 from core.workspace import connect, open_workspace
-from tests.conftest import image_bytes
+from tests.conftest import TESTER, image_bytes
 
 ws = open_workspace(sys.argv[1])
 db = connect(ws)
@@ -45,7 +45,7 @@ def item(n):
         return image_bytes((n, 3, 3), (16, 16))
     return ingest.ImportItem(f"{n}.png", read, "dots")
 
-ingest.ingest_items(ws, db, (item(n) for n in range(200)))
+ingest.ingest_items(ws, db, (item(n) for n in range(200)), actor=TESTER, source="upload")
 """
 
 
@@ -136,12 +136,12 @@ def test_a_read_only_workspace_opens_and_backs_up_without_writing_and_refuses_im
     readonly_db = connect(ws)
     assert catalog.count_images(readonly_db) == 3
     with pytest.raises(LoupeError, match="read-only"):
-        ingest.ingest_items(ws, readonly_db, [ingest.ImportItem("x.png", lambda: image_bytes((1, 1, 1)))])
+        ingest.ingest_items(ws, readonly_db, [ingest.ImportItem("x.png", lambda: image_bytes((1, 1, 1)))], actor=TESTER, source="upload")
     readonly_db.close()
-    assert backup_workspace(ws, tmp_path / "backup.zip")["images"] == 3
+    assert backup_workspace(ws, tmp_path / "backup.zip", actor=TESTER)["images"] == 3
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workspace.root.rglob("*") if p.is_file()}
     assert after == before
-    assert restore_workspace(tmp_path / "backup.zip", tmp_path / "restored")["images"] == 3
+    assert restore_workspace(tmp_path / "backup.zip", tmp_path / "restored", actor=TESTER)["images"] == 3
 
 
 def test_a_read_only_workspace_that_needs_writing_says_why(tmp_path, read_only):

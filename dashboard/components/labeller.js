@@ -128,7 +128,11 @@ function classButtons(classes, onPick) {
     button.dataset.className = c.name;
     if (c.key) button.append(element("kbd", "", c.key.toUpperCase()), document.createTextNode(" · "));
     button.append(document.createTextNode(c.name));
-    button.addEventListener("click", () => onPick(c.name));
+    button.addEventListener("click", () => {
+      // A focused button would take the next Space or Enter as another click.
+      button.blur();
+      onPick(c.name);
+    });
     box.append(button);
   }
   return box;
@@ -156,12 +160,17 @@ class FocusView {
     this.suggest.type = "button";
     this.suggest.addEventListener("click", () => this.acceptSuggestion());
     this.classBox = element("div");
-    this.notice = element("div", "loupe-notice");
     const help = element(
       "div", "loupe-help",
       "Keys: the class key labels · Enter accepts the suggestion · Space skips · ← → move · U undoes your last label · F finds similar images",
     );
-    this.side.append(this.title, this.meta, this.counter, this.suggest, this.classBox, help, this.notice);
+    const similar = element("button", "loupe-similar", "Find similar (F)");
+    similar.type = "button";
+    similar.addEventListener("click", () => {
+      similar.blur();
+      if (this.current !== null) this.outbox.findSimilar(this.current);
+    });
+    this.side.append(this.title, this.meta, this.counter, this.suggest, this.classBox, similar, help);
     root.append(this.stage, this.side);
   }
 
@@ -195,6 +204,7 @@ class FocusView {
       if (this.items.has(show.id)) {
         if (this.current !== null && this.current !== show.id) this.history.push(this.current);
         this.passed.delete(show.id);
+        this.localLabels.delete(show.id);  // an undo brought it back: Python's label is the one to show
         this.display(show.id);
         return;
       }
