@@ -4,13 +4,17 @@
 
 1. fewshot: natural8 with 1, 5 and 20 labels a class (3 seeds, 1,000 held-out images, the rest
    unlabelled): `FewLabelClassifier` against the labelled-only linear probe (scikit-learn's
-   logistic regression on standardised features). `--only rule` instead forces each few-label
+   logistic regression on standardised features); then Quick's own head with 5 labels a class,
+   with the unlabelled pool (propagated pseudo-labels) and without it. `--only rule` instead forces each few-label
    method at 1 to 100 labels a class: the measurement behind `core.fewshot.choose_method`.
 2. quick: expected calibration error (15 bins) of Quick's probabilities on images it never saw,
    before and after temperature scaling fitted on validation images; for today's Quick preset
    and for the proposed one (PROPOSED_QUICK). Then Quick's test figures on magtile6 with Loupe's
    own stable split, both presets, and the linear probe on the same split.
-3. al: labels saved by `core.fewshot.uncertain_diverse_batch` against random picks, measured as
+3. best: the Best preset on magtile6, Loupe's own split, at its default time budget: test figures,
+   the chosen candidate, and each candidate's validation macro-F1 with its bootstrap interval.
+   `--only magtile6` prints Quick's magtile6 figures before Best's, on the same split.
+4. al: labels saved by `core.fewshot.uncertain_diverse_batch` against random picks, measured as
    bench/review.py does, on natural8 and magtile6, over 5 seeds and 5 more never tuned on.
 
 Each dataset is imported once into a workspace under --cache and embedded once (its embedding
@@ -166,6 +170,26 @@ def few_labels(data: Dataset) -> None:
         say(f"{data.name}_k{k}_method", "/".join(sorted(methods)))
 
 
+def quick_few_labels(data: Dataset, per_class: int = 5) -> None:
+    """Quick's head through the training code, with `per_class` labels a class: the rest of the pool
+    unlabelled (propagated pseudo-labels join its training set) against the labelled images alone.
+    Half the held-out images validate, the other half test."""
+    dataset = dataset_from_catalog(data.ws, connect(data.ws))
+    by_id = {item.image_id: item for item in dataset.items}
+    with_pool, alone = [], []
+    for seed in FEW_LABEL_SEEDS:
+        labelled, unlabelled, held_out = held_out_draw(data.labels, per_class, seed)
+        role = {**{i: "train" for i in labelled}, **{i: "val" for i in held_out[: HELD_OUT // 2]},
+                **{i: "test" for i in held_out[HELD_OUT // 2 :]}}
+        items = [dataclasses.replace(by_id[data.rows[i]["id"]], split=split) for i, split in role.items()]
+        pool = [dataclasses.replace(by_id[data.rows[i]["id"]], split="unlabelled", label=None) for i in unlabelled]
+        config = dataclasses.replace(PRESETS["quick"], seed=seed)
+        with_pool.append(quick_run(data, config, TrainDataset(dataset.classes, items + pool))[0]["test_accuracy"])
+        alone.append(quick_run(data, config, TrainDataset(dataset.classes, items))[0]["test_accuracy"])
+    say(f"{data.name}_k{per_class}_quick_accuracy", float(np.mean(with_pool)))
+    say(f"{data.name}_k{per_class}_quick_labelled_only_accuracy", float(np.mean(alone)))
+
+
 def method_rule(data: Dataset) -> None:
     """Each few-label method forced, by labels a class: the measurement behind `choose_method`."""
     x, y = data.features, data.labels
@@ -251,6 +275,27 @@ def quick_figures(data: Dataset, quick: tuple[dict, tuple, tuple], prefix: str) 
     say(f"{prefix}_rare_recall", float(recall_score(test_labels, predicted, labels=[rare], average="macro")))
 
 
+def best_figures(data: Dataset) -> None:
+    """The Best preset at its default budget on Loupe's split, and each candidate's validation figure.
+
+    Magnetic tiles are seen from above: they have no up, so rotations are safe (any_orientation).
+    """
+    config = dataclasses.replace(PRESETS["best"], any_orientation=True)
+    best = quick_run(data, config)
+    quick_figures(data, best, f"{data.name}_best")
+    say(f"{data.name}_best_candidate", best[0]["best_candidate"])
+    for candidate in best[0]["candidates"]:
+        name = f"{data.name}_best_{candidate['name']}"
+        if "val_macro_f1" in candidate:
+            say(f"{name}_val_macro_f1", candidate["val_macro_f1"])
+            say(f"{name}_val_macro_f1_low", candidate["val_macro_f1_low"])
+            say(f"{name}_val_macro_f1_high", candidate["val_macro_f1_high"])
+            say(f"{name}_seconds", candidate["seconds"])
+            say(f"{name}_estimate_seconds", candidate["estimate_seconds"])
+        else:
+            say(f"{name}_estimate_seconds", candidate["estimate_seconds"])
+
+
 def quick_settings(data: Dataset) -> None:
     """Test macro-F1 on Loupe's split for each of QUICK_SETTINGS, the mean of QUICK_SEEDS."""
     for name, change in QUICK_SETTINGS.items():
@@ -327,7 +372,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default="/tmp/loupe-accuracy", help="a folder for workspaces and their embeddings")
     parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    parser.add_argument("--only", choices=("fewshot", "rule", "quick", "al"), help="run one section alone")
+    parser.add_argument("--only", choices=("fewshot", "rule", "quick", "best", "magtile6", "al"), help="run one section alone")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(EMBED_THREADS)
@@ -338,6 +383,7 @@ def main() -> None:
     with threadpool_limits(1):
         if args.only in (None, "fewshot"):
             few_labels(natural8)
+            quick_few_labels(natural8)
         if args.only == "rule":
             method_rule(natural8)
         if args.only in (None, "quick"):
@@ -348,6 +394,10 @@ def main() -> None:
             quick_figures(magtile6, quick_run(magtile6, PROPOSED_QUICK), "magtile6_proposed_quick")
             linear_probe(magtile6)
             quick_settings(magtile6)
+        if args.only == "magtile6":
+            quick_figures(magtile6, quick_run(magtile6, PRESETS["quick"]), "magtile6_quick")
+        if args.only in (None, "best", "magtile6"):
+            best_figures(magtile6)
         if args.only in (None, "al"):
             active_learning(natural8)
             active_learning(magtile6)

@@ -1,6 +1,6 @@
 """Review benchmarks: label-noise detection, active learning, Grad-CAM speed.
 
-    python bench/review.py [--workspace DIR] [--datasets ../shared/datasets]
+    python bench/review.py [--workspace DIR] [--datasets ../shared/datasets] [--only gradcam_open]
 
 1. Label noise on hymenoptera train: flip 10% of the labels (3 seeds) and count how many of the
    flipped images the likely-mislabelled queue puts in its top N (N = number flipped); the plain
@@ -16,6 +16,14 @@
    beside the originals; recall is the share of (original, copy) pairs the near-duplicate queue
    finds at its default thresholds, the false pair rate the share of its pairs that are different
    photos.
+5. Opening an image in the review gallery (`--only gradcam_open`, not part of the default run):
+   hymenoptera with 12 val labels swapped (so the misclassified queue is long enough), a Quick run,
+   the dashboard served on a free local port and driven by headless Chromium. Once the background
+   thread has cached the queue's maps and the gallery has fetched its pictures, each of 10 images
+   is opened by a click on its tile and timed until the image and both maps (predicted and labelled
+   class) are painted; `gradcam_next_ms` times J (next); `gradcam_open_after_load_ms` the gallery's
+   last tile clicked as soon as the page has loaded (5 reloads), before its pictures reached the
+   browser: a round trip to the server.
 
 Embeddings live in the workspace's cache, so a second run with the same --workspace is fast.
 Prints `name: value` lines.
@@ -258,6 +266,105 @@ def gradcam_speed(ws: Workspace) -> None:
     say("gradcam_seconds_per_image", (time.perf_counter() - started) / len(timed))
 
 
+# ---------------------------------------------------------------- 5. opening an image in the gallery
+
+GALLERY_OPENS = 10
+SWAPPED_LABELS = 12
+# Resolves with the milliseconds from the click on a tile (or a J press) to the open image and both
+# of its maps painted (decoded, shown, and one frame drawn).
+TIME_OPEN = """async ({id, key}) => {
+  const started = performance.now();
+  if (key) document.dispatchEvent(new KeyboardEvent("keydown", {key, bubbles: true}));
+  else document.querySelector(`.loupe-review-tile[data-image-id="${id}"]`).click();
+  const root = document.querySelector(".loupe-reviewer");
+  const target = () => id ?? Number(root.dataset.open);
+  await new Promise((resolve) => {
+    const check = () => {
+      const open = root.querySelector(".loupe-review-open");
+      const maps = [...open.querySelectorAll(`img.loupe-cam[data-image-id="${target()}"]`)];
+      const shown = open.querySelector(`img.loupe-review-shown[data-image-id="${target()}"]`);
+      if (!open.hidden && shown && shown.complete && maps.length === 2
+          && maps.every((m) => m.complete && m.naturalWidth > 0)) requestAnimationFrame(() => resolve());
+      else requestAnimationFrame(check);
+    };
+    check();
+  });
+  return performance.now() - started;
+}"""
+
+
+def gradcam_open(ws: Workspace, hymenoptera: Path) -> None:
+    import statistics
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from playwright.sync_api import sync_playwright
+
+    from core import catalog
+    from core.cam_cache import cached_cam
+    from core.metrics import load_run_predictions
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
+
+    if not CHROMIUM.exists():
+        raise SystemExit(f"{CHROMIUM} is missing (apt-get install chromium)")
+    rows = imported(ws, hymenoptera)
+    db = connect(ws)
+    if not jobs.current_run(db):
+        val = [r for r in rows if r["split"] == "val"]
+        for r in val[:: max(1, len(val) // SWAPPED_LABELS)][:SWAPPED_LABELS]:
+            catalog.set_label(db, r["id"], "bees" if r["label"] == "ants" else "ants", actor=BENCH)
+        run_id = jobs.create_run(ws, db, PRESETS["quick"], actor=BENCH)
+        if run_worker(ws, run_id) != jobs.RunStatus.SUCCEEDED:
+            raise SystemExit(f"the Quick run failed: {jobs.get_run(db, run_id)['error']}")
+    run = jobs.current_run(db)
+    queue = hard.misclassified_queue(load_run_predictions(ws, db, run["id"]))
+    if len(queue) < GALLERY_OPENS + 1:
+        raise SystemExit(f"the misclassified queue has {len(queue)} images; {GALLERY_OPENS + 1} are needed")
+    opened = [int(i) for i in queue["image_id"][:GALLERY_OPENS]][::-1]
+    with running_dashboard(ws.root) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_test_id("stSidebarNav").get_by_text("Review", exact=True).click()
+            page.get_by_role("tab", name="Hard examples").click(timeout=120_000)
+            page.locator(".loupe-review-tile").first.wait_for(timeout=120_000)
+            # Opening the gallery queued the whole queue's maps for the background thread.
+            deadline = time.monotonic() + 600
+            while not all(cached_cam(ws, run["id"], i, c) for i in opened for c in (0, 1)):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the background thread did not cache the maps within 10 minutes")
+                time.sleep(0.5)
+            # And the gallery has fetched the large pictures of its images.
+            page.wait_for_selector('.loupe-reviewer[data-unsent="0"]', timeout=120_000)
+            times = []
+            for image_id in opened:
+                times.append(page.evaluate(TIME_OPEN, {"id": image_id, "key": None}))
+                page.keyboard.press("Escape")
+                page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
+            page.evaluate(TIME_OPEN, {"id": opened[-1], "key": None})
+            page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
+            nexts = []
+            for _ in range(5):
+                nexts.append(page.evaluate(TIME_OPEN, {"id": None, "key": "j"}))
+                page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
+            # Right after the page loads, the last tile's pictures are not in the browser yet: a round trip.
+            firsts = []
+            last = page.locator(".loupe-review-tile").last.get_attribute("data-image-id")
+            for _ in range(5):
+                page.reload()
+                page.get_by_role("tab", name="Hard examples").click(timeout=120_000)
+                page.locator(f'.loupe-review-tile[data-image-id="{last}"]').wait_for(timeout=120_000)
+                firsts.append(page.evaluate(TIME_OPEN, {"id": int(last), "key": None}))
+        finally:
+            browser.close()
+    say("gradcam_open_images", len(times))
+    say("gradcam_open_ms", statistics.median(times))
+    say("gradcam_open_max_ms", max(times))
+    say("gradcam_next_ms", statistics.median(nexts))
+    say("gradcam_open_after_load_ms", statistics.median(firsts))
+
+
 # ---------------------------------------------------------------- 4. near-duplicates
 
 
@@ -332,7 +439,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", help="a folder to keep the workspaces (and their embeddings) in")
     parser.add_argument("--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    parser.add_argument("--only", choices=("noise", "al", "gradcam", "duplicates"), help="run one section alone")
+    parser.add_argument("--only", choices=("noise", "al", "gradcam", "duplicates", "gradcam_open"),
+                        help="run one section alone")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     configure_threads()
@@ -349,6 +457,8 @@ def main() -> None:
             near_duplicates(open_workspace(root / "near_duplicates"), datasets / "hymenoptera")
     if args.only in (None, "gradcam"):
         gradcam_speed(hymenoptera_ws)
+    if args.only == "gradcam_open":
+        gradcam_open(open_workspace(root / "gradcam_open"), datasets / "hymenoptera")
 
 
 if __name__ == "__main__":

@@ -199,7 +199,8 @@ def natural8(datasets: Path, workdir: Path) -> None:
     ws = open_workspace(workdir / "natural8")
     db = connect(ws)
     wanted = [path for paths in files.values() for path in paths]
-    outcomes = ingest_items(ws, db, [ImportItem(p.name, p.read_bytes) for p in wanted], actor=BENCH_ACTOR, source="server disk")
+    outcomes = ingest_items(ws, db, [ImportItem(p.name, p.read_bytes) for p in wanted], actor=BENCH_ACTOR,
+                            source="server disk")
     rows = {row["id"]: row for row in db.query("SELECT id, sha256, path, MIN(width, height) AS short_side FROM images")}
     ids = {path: (o.image_id, rows[o.image_id]["sha256"], ws.root / rows[o.image_id]["path"], rows[o.image_id]["short_side"])
            for path, o in zip(wanted, outcomes)}

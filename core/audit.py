@@ -25,6 +25,7 @@ AUDIT_ACTIONS = (
     "label",
     "review",
     "class_change",
+    "split_change",
     "run",
     "export",
     "backup",
@@ -111,6 +112,11 @@ def record_run(db: Database, actor: Actor, *, run_id: int, event: str, preset: s
 def record_export(db: Database, actor: Actor, *, kind: str, run_id: int | None = None) -> int:
     """`kind` is model or dataset."""
     return _record_as(db, actor, "export", {"kind": kind, "run_id": run_id})
+
+
+def record_split_change(db: Database, actor: Actor, *, moves: int) -> int:
+    """A rebalance of unpinned images' splits; each move is kept in the catalog's `split_changes`."""
+    return _record_as(db, actor, "split_change", {"moves": moves})
 
 
 def record_backup(db: Database, actor: Actor, *, event: str = "backup") -> int:

@@ -20,7 +20,7 @@ from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
 from core.explain import CAM_METHODS, display_overlay, explain, prepare_for_cam
 from core.images import open_image_rgb
-from core.workspace import Workspace, atomic_file
+from core.workspace import Workspace, atomic_file, workspace_writes
 
 CAM_FOLDER = "cams"
 CAM_SIDE = 448
@@ -71,8 +71,9 @@ class CamService:
         self.lock = threading.RLock()
         self._pending: queue.Queue[tuple[int, Workspace, int, CamRequest, str]] = queue.Queue(maxsize=max_pending)
         self._generation = 0
+        # Not `lock`: that one is held for a whole map, and queueing must never wait for one.
+        self._generation_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.failures: dict[tuple[int, int, int], str] = {}
 
     def model(self, ws: Workspace, run_id: int) -> TrainedModel:
         """The run's model, ready for Grad-CAM, loaded once while it is among the last few asked for."""
@@ -98,14 +99,16 @@ class CamService:
             if cached is not None:
                 return cached
             data = render_cam(self.model(ws, run_id), ws.root / request.image_path, request.class_index, method=method)
-            with atomic_file(cam_path(ws, run_id, request.image_id, request.class_index, method)) as f:
+            path = cam_path(ws, run_id, request.image_id, request.class_index, method)
+            # A full disk or a read-only workspace is said as such, with what to do, not as a traceback.
+            with workspace_writes(ws), atomic_file(path) as f:
                 f.write(data)
         return data
 
     def ahead(self, ws: Workspace, run_id: int, requests: Iterable[CamRequest], *, method: str = "gradcam") -> int:
         """Queue the maps not cached yet, in order, for the background thread; returns how many were
         queued. Never waits: a full queue drops the rest, and a newer call supersedes older ones."""
-        with self.lock:
+        with self._generation_lock:
             self._generation += 1
             generation = self._generation
         queued = 0
@@ -131,12 +134,8 @@ class CamService:
             try:
                 if generation == self._generation:
                     self.cam(ws, run_id, request, method=method)
-            except LoupeError as exc:
-                # Kept for the page to say when the image is opened; it is shown without its map.
-                self.failures[(run_id, request.image_id, request.class_index)] = str(exc)
-            except OSError:
-                self.failures[(run_id, request.image_id, request.class_index)] = (
-                    "The image or the run's model could not be read: check the workspace folder."
-                )
+            except (LoupeError, OSError):
+                # Left uncached: opening the image computes it again, and the page says what went wrong.
+                pass
             finally:
                 self._pending.task_done()

@@ -9,8 +9,8 @@ attributed to `actor.name` and leaves one entry in the audit log (`core.audit`) 
 Classes: renaming, merging, archiving, restoring and undoing those are `manage_classes` (admins).
 Naming a new class is part of labelling: a role that may `label` may add a class (the Label page
 creates one when an image is labelled with a new name), but only `manage_classes` brings an
-archived class back. `set_setting` is the storage step under the checked setting writers here and
-in `core.accounts` and `core.jobs`.
+archived class back. `set_setting` is the storage step the setting writers build on: those here check
+the role; the local user's name (`core.accounts`) and the executor (`core.jobs`) are the machine's own.
 """
 
 from __future__ import annotations
@@ -337,7 +337,8 @@ def undo_class_change(db: Database, change_id: int, *, actor: Actor) -> str:
                     [details["target_id"], *details["image_ids"]],
                 )
             ] if details["image_ids"] else []
-            _set_labels(db, still, row["class_id"], actor.name, reason=f"undo merge {details['source']} into {details['target']}")
+            _set_labels(db, still, row["class_id"], actor.name,
+                        reason=f"undo merge {details['source']} into {details['target']}")
             db.execute("UPDATE classes SET archived = 0 WHERE id = ?", [row["class_id"]])
             done = f"Moved {len(still)} labels back to {details['source']!r}."
         else:
@@ -633,6 +634,8 @@ def rebalance_splits(db: Database, *, actor: Actor, minimum: int) -> list[dict]:
                     [image_id, split, actor.name, at],
                 )
                 moves.append({"image_id": image_id, "old_split": "train", "new_split": split})
+        if moves:
+            audit.record_split_change(db, actor, moves=len(moves))
     return moves
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def _choose_executor(db, args: argparse.Namespace) -> None:
     from core import jobs
 
     if args.executor is not None:
-        jobs.set_executor(db, args.executor, ray_address=args.ray_address)
+        jobs.set_executor(db, args.executor, ray_address=args.ray_address, actor=cli_actor())
     elif args.ray_address is not None:
         raise LoupeError("--ray-address goes with --executor ray.")
 
@@ -139,7 +140,11 @@ def _train(args: argparse.Namespace) -> int:
     ws = open_workspace(args.workspace)
     db = connect(ws)
     _choose_executor(db, args)
-    run_id = jobs.create_run(ws, db, PRESETS[args.preset], actor=cli_actor())
+    config = PRESETS[args.preset]
+    if args.budget_minutes is not None:
+        config = dataclasses.replace(config, budget_minutes=args.budget_minutes)
+        config.validate()
+    run_id = jobs.create_run(ws, db, config, actor=cli_actor())
     jobs.start_next_queued(ws, db)
     run = _follow_run(ws, db, run_id)
     metrics = run["metrics"] or {}
@@ -153,6 +158,12 @@ def _train(args: argparse.Namespace) -> int:
     for name in figures:
         print(f"{name}: {metrics[name]:.4f}" if metrics.get(name) is not None else f"{name}: n/a")
     print(f"seconds: {seconds:.2f}" if seconds is not None else "seconds: n/a")
+    for candidate in metrics.get("candidates", []):
+        figure = (f"{candidate['val_macro_f1']:.4f} [{candidate['val_macro_f1_low']:.4f}, "
+                  f"{candidate['val_macro_f1_high']:.4f}]" if "val_macro_f1" in candidate else candidate["status"])
+        print(f"candidate_{candidate['name']}: {figure}")
+    if metrics.get("best_candidate"):
+        print(f"best_candidate: {metrics['best_candidate']}")
     if run["error"]:
         print(f"error: {run['error']}", file=sys.stderr)
     return 0 if run["status"] == jobs.RunStatus.SUCCEEDED else 1
@@ -179,7 +190,7 @@ def _follow_run(ws, db, run_id: int) -> dict:
                 time.sleep(0.25)
             except KeyboardInterrupt:
                 bar.write(f"cancelling run {run_id}")
-                jobs.cancel(db, run_id)
+                jobs.cancel(db, run_id, actor=cli_actor())
     return run
 
 
@@ -312,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", _train, "train a classifier on the labelled images and print its validation figures")
     train.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
                        help=" ".join(PRESET_DESCRIPTIONS.get(name, "") for name in PRESETS))
+    train.add_argument("--budget-minutes", type=float, metavar="N",
+                       help=f"Best preset: minutes the search may take (default {PRESETS['best'].budget_minutes:g})")
     _executor_arguments(train)
 
     export = command("export", _export, "export a run's model as a verified ONNX bundle (.zip)")

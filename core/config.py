@@ -18,11 +18,14 @@ from core.errors import LoupeError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-STRATEGIES = ("head", "finetune", "two_stage")
+# "search" is the Best preset's: it tries several of the others and keeps the best (core.search).
+STRATEGIES = ("head", "finetune", "two_stage", "search")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "plateau")
 CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
-AUGMENTATIONS = ("none", "light", "strong")
+# "_gray" variants leave colour alone (for grayscale photos); "rotations" adds vertical flips and
+# quarter turns, for photos with no up (surfaces, slides, parts seen from above).
+AUGMENTATIONS = ("none", "light", "strong", "light_gray", "rotations", "rotations_gray")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The devices a resolved config can name: "auto" is decided when a run starts.
 RESOLVED_DEVICES = DEVICES[1:]
@@ -34,6 +37,8 @@ ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
 MIN_IMAGE_SIZE = 32
 # Larger inputs would take more memory per image than any backbone here was trained for pays back.
 MAX_IMAGE_SIZE = 1024
+# The Best preset's search: a day at most, so that a typo cannot hold the machine for a month.
+MAX_BUDGET_MINUTES = 24 * 60
 
 
 @dataclass
@@ -68,6 +73,10 @@ class TrainConfig:
     # finetune and two_stage: epochs of a first fit of the new layer alone, on cached embeddings;
     # 0 starts fine-tuning from a freshly initialised layer (two_stage needs at least 1).
     head_epochs: int = 60
+    # search: the time it may take, and whether the photos have no up (rotations and vertical flips
+    # are then safe augmentations: they change nothing a label depends on).
+    budget_minutes: float = 10.0
+    any_orientation: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +113,10 @@ class TrainConfig:
             raise LoupeError("label_smoothing must be at least 0 and less than 1.")
         if self.weight_decay < 0 or self.momentum < 0 or self.focal_gamma < 0:
             raise LoupeError("weight_decay, momentum and focal_gamma cannot be negative.")
+        if not isinstance(self.budget_minutes, (int, float)) or not 0 < self.budget_minutes <= MAX_BUDGET_MINUTES:
+            raise LoupeError(f"budget_minutes must be more than 0 and at most {MAX_BUDGET_MINUTES}.")
+        if not isinstance(self.any_orientation, bool):
+            raise LoupeError("any_orientation must be true or false.")
         if self.strategy == "two_stage" and self.head_epochs < 1:
             raise LoupeError("two_stage fits the new layer first: head_epochs must be at least 1.")
 
@@ -140,11 +153,19 @@ PRESETS: dict[str, TrainConfig] = {
         strategy="two_stage", unfreeze_blocks=5, epochs=6, batch_size=32, backbone_lr=1e-4, warmup_epochs=1,
         augmentation="light", early_stopping_patience=0,
     ),
+    # A time budget (minutes on a laptop CPU): Quick's head at each input size and backbone that
+    # may suit the photos, then partial and full fine-tuning, cheapest first, each kept only
+    # where it beats the others on validation (core.search).
+    "best": TrainConfig(
+        strategy="search", budget_minutes=10.0, unfreeze_blocks=5, epochs=6, batch_size=32, early_stopping_patience=0,
+    ),
 }
 DEFAULT_PRESET = "quick"
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "quick": "Quick: a new last layer on cached features of the pretrained backbone; seconds once features are cached.",
     "thorough": "Thorough: Quick's layer, then the network's later stages fine-tuned on augmented images, kept "
                 "where that does better; minutes on a laptop, sometimes a little more accurate.",
+    "best": "Best: tries what may suit your photos (input sizes, a larger backbone, fine-tuning) within a "
+            "time budget, cheapest first, and keeps whatever measures best on validation.",
 }
 

@@ -120,4 +120,4 @@ def map_running(ws: Workspace, key: str, signature: tuple[int, int]) -> bool:
 
 
 if __name__ == "__main__":
-    build_map(open_workspace(sys.argv[1]), sys.argv[2])
+    build_map(open_workspace(sys.argv[1], sweep=False), sys.argv[2])

@@ -7,6 +7,8 @@ after a few new labels only embeds the new images.
 from __future__ import annotations
 
 import io
+import json
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +23,8 @@ from core.backbones import Preprocessing, configure_threads, create_backbone, ge
 from core.images import open_image_rgb
 
 EMBED_BATCH_SIZE = 32
-# Decoding (Pillow releases the GIL) runs in threads alongside the forward pass.
-DECODE_THREADS = 2
+# Decoding (Pillow releases the GIL) runs in threads alongside the forward pass: one a core.
+DECODE_THREADS = os.cpu_count() or 1
 ONNX_MIN_IMAGES = 200
 
 
@@ -51,18 +53,16 @@ class EmbeddingCache:
         self.db = db
 
     def get_many(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        unique = list(dict.fromkeys(sha256s))
-        # Stay below SQLite's limit on bound parameters.
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            rows = self.db.execute(
-                f"SELECT sha256, vector FROM embeddings WHERE backbone = ? AND sha256 IN ({','.join('?' * len(chunk))})",
-                [key, *chunk],
-            ).fetchall()
-            for sha256, vector in rows:
-                found[sha256] = np.frombuffer(vector, dtype=np.float32)
-        return found
+        # One query with the hashes as one JSON parameter (no limit on bound parameters to stay under),
+        # and one array for all vectors: per-chunk queries and per-row arrays cost seconds at 100,000 images.
+        rows = self.db.execute(
+            "SELECT sha256, vector FROM embeddings WHERE backbone = ? AND sha256 IN (SELECT value FROM json_each(?))",
+            [key, json.dumps(list(dict.fromkeys(sha256s)))],
+        ).fetchall()
+        if not rows:
+            return {}
+        vectors = np.frombuffer(b"".join(vector for _, vector in rows), dtype=np.float32).reshape(len(rows), -1)
+        return {sha256: vector for (sha256, _), vector in zip(rows, vectors)}
 
     def put_many(self, key: str, vectors: dict[str, np.ndarray]) -> None:
         with self.db.atomic():

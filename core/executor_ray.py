@@ -28,6 +28,7 @@ import torch
 from core.backbones import Preprocessing, create_backbone, get_spec
 from core.config import TrainConfig
 from core.embeddings import (
+    DECODE_THREADS,
     ONNX_MIN_IMAGES,
     EmbeddableItem,
     EmbeddingCache,
@@ -35,7 +36,7 @@ from core.embeddings import (
     feature_extractor,
 )
 from core.errors import LoupeError
-from core.executors import DECODE_THREADS, missing_items
+from core.executors import missing_items
 from core.images import decode_image, read_image_file
 from core.selection import TrainDataset, TrainItem
 from core.training import (

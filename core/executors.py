@@ -8,7 +8,6 @@ backups write the workspace's own files, so they run in the worker whichever the
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -24,8 +23,6 @@ from core.training import Reporter, TrainResult, resolve_device, train
 
 # Vectors kept in the worker's memory between jobs: about 330 MB of Lite0's 1280 floats.
 WARM_VECTORS = 64_000
-# Threads that decode images beside the forward pass: one a core.
-DECODE_THREADS = os.cpu_count() or 1
 
 
 class Executor(Protocol):

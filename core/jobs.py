@@ -3,7 +3,9 @@
 Every long job is a `runs` row with a `kind`: a training run (`train`), or an export, a dataset
 export, a backup or an embedding of the whole catalog, with what to do in `params` and what it
 made in `result`. They share one lifecycle (`RunStatus`): queued, running, cancelling, then
-succeeded, failed or cancelled, with progress, a heartbeat and the failure's reason.
+succeeded, failed or cancelled, with progress, a heartbeat and the failure's reason. Each row keeps
+who asked for it (`requested_by`, `requested_role`): queueing and cancelling need the permission of
+the job's kind (`JOB_PERMISSIONS`), and the worker runs the job as that person (`requester`).
 
 `create_run` snapshots exactly which images, labels and splits a training run will train on
 (`run_items`, see core.selection), so labelling afterwards changes nothing in it. The row keeps
@@ -31,7 +33,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from core import audit, catalog
-from core.auth import Actor
+from core.auth import Actor, authorize
 from core.catalog import now, write_transaction
 from core.config import ResolvedConfig, TrainConfig, authorize_run
 from core.errors import LoupeError
@@ -57,6 +59,12 @@ class JobKind(StrEnum):
     DATASET_EXPORT = "dataset_export"
     BACKUP = "backup"
 
+
+# The permission (core.auth.PERMISSIONS) a job of each kind needs: to queue it, and to cancel it.
+JOB_PERMISSIONS = {
+    JobKind.TRAIN: "train", JobKind.EMBED: "train", JobKind.EXPORT: "export_model",
+    JobKind.DATASET_EXPORT: "export_dataset", JobKind.BACKUP: "backup",
+}
 
 # How pages name a job of each kind ("Export #12").
 KIND_TITLES = {
@@ -102,7 +110,6 @@ def _decode(row: dict | None) -> dict | None:
 
 
 def get_run(db: Database, run_id: int) -> dict:
-    """The run's row with `config`, `progress` and `metrics` decoded from JSON."""
     """Any job's row (a training run's or another kind's), its JSON columns decoded."""
     row = _decode(next(db.query("SELECT * FROM runs WHERE id = ?", [run_id]), None))
     if row is None:
@@ -154,6 +161,13 @@ def _kind_filter(kinds: tuple[JobKind, ...]) -> tuple[str, list[str]]:
     if not kinds:
         return "", []
     return f"WHERE kind IN ({', '.join('?' * len(kinds))})", [str(kind) for kind in kinds]
+
+
+def requester(job: dict) -> Actor:
+    """Who queued the job, from its row: the worker runs it, and audits what it does, as that person."""
+    if not job.get("requested_by") or not job.get("requested_role"):
+        raise LoupeError(f"{job_title(job)} does not say who asked for it: queue it again.")
+    return Actor(job["requested_by"], job["requested_role"])
 
 
 def job_title(job: dict) -> str:
@@ -225,8 +239,8 @@ def create_run(
     class_ids = {row["name"]: row["id"] for row in catalog.list_classes(db, include_archived=True)}
     with write_transaction(db):
         run_id = db.execute(
-            "INSERT INTO runs (status, config, created_at) VALUES (?, ?, ?)",
-            [str(RunStatus.QUEUED), json.dumps(config.to_dict()), now()],
+            "INSERT INTO runs (status, config, created_at, requested_by, requested_role) VALUES (?, ?, ?, ?, ?)",
+            [str(RunStatus.QUEUED), json.dumps(config.to_dict()), now(), actor.name, actor.role],
         ).lastrowid
         db.conn.executemany(
             "INSERT INTO run_items (run_id, image_id, class_id, split) VALUES (?, ?, ?, ?)",
@@ -240,14 +254,22 @@ def create_run(
     return run_id
 
 
-def create_job(db: Database, kind: JobKind, params: dict | None = None) -> int:
-    """Queue a job of a kind other than training, with what it needs to know in `params`; its id."""
+def create_job(db: Database, kind: JobKind, params: dict | None = None, *, actor: Actor) -> int:
+    """Queue a job of a kind other than training as `actor`, with what it needs to know in `params`; its id.
+
+    The worker runs it as `actor` (see `requester`), so what it exports or backs up is theirs in the audit log.
+    """
     if JobKind(kind) == JobKind.TRAIN:
         raise ValueError("training runs are queued with create_run, which snapshots their images")
-    return db.execute(
-        "INSERT INTO runs (kind, status, config, params, created_at) VALUES (?, ?, '{}', ?, ?)",
-        [str(kind), str(RunStatus.QUEUED), json.dumps(params or {}), now()],
-    ).lastrowid
+    authorize(actor, JOB_PERMISSIONS[JobKind(kind)])
+    with write_transaction(db):
+        job_id = db.execute(
+            "INSERT INTO runs (kind, status, config, params, created_at, requested_by, requested_role) "
+            "VALUES (?, ?, '{}', ?, ?, ?, ?)",
+            [str(kind), str(RunStatus.QUEUED), json.dumps(params or {}), now(), actor.name, actor.role],
+        ).lastrowid
+        audit.record_run(db, actor, run_id=job_id, event="started")
+    return job_id
 
 
 # ---------------------------------------------------------------- executor settings
@@ -258,8 +280,9 @@ def executor_settings(db: Database) -> tuple[str, str | None]:
     return catalog.get_setting(db, EXECUTOR_SETTING, "local"), catalog.get_setting(db, RAY_ADDRESS_SETTING)
 
 
-def set_executor(db: Database, name: str, *, ray_address: str | None = None) -> None:
+def set_executor(db: Database, name: str, *, ray_address: str | None = None, actor: Actor) -> None:
     """Run the workspace's jobs on `name`: a running worker of the other kind hands over after its job."""
+    authorize(actor, "settings")
     if name not in EXECUTORS:
         raise LoupeError(f"The executor must be one of {', '.join(EXECUTORS)}, not {name!r}.")
     if name == "ray" and not (ray_address or "").strip():
@@ -450,7 +473,7 @@ def finish_succeeded(
             "UPDATE runs SET status = ?, metrics = ?, resolved_config = ?, finished_at = ?, error = NULL WHERE id = ?",
             [str(RunStatus.SUCCEEDED), json.dumps(metrics), json.dumps(resolved_config), now(), run_id],
         )
-        promote(db, run_id)
+        _make_current(db, run_id)
 
 
 def finish_job(db: Database, job_id: int, result: dict) -> None:
@@ -474,22 +497,29 @@ def finish_unsuccessful(db: Database, run_id: int, status: RunStatus, error: str
 # ---------------------------------------------------------------- cancelling, reaping, promoting
 
 
-def cancel(db: Database, run_id: int) -> RunStatus:
-    """Ask a run to stop: a queued one is cancelled at once, a training one at its next batch."""
+def cancel(db: Database, run_id: int, *, actor: Actor) -> RunStatus:
+    """Ask a run or job to stop, as `actor` (who needs the permission its kind needs to be queued):
+    a queued one is cancelled at once, a running one at its next batch or step."""
     with write_transaction(db):
-        status = RunStatus(get_run(db, run_id)["status"])
+        job = get_run(db, run_id)
+        authorize(actor, JOB_PERMISSIONS[JobKind(job["kind"])])
+        status = RunStatus(job["status"])
         if status == RunStatus.QUEUED:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
                 [str(RunStatus.CANCELLED), now(), run_id],
             )
-            return RunStatus.CANCELLED
-        if status == RunStatus.RUNNING:
+            status = RunStatus.CANCELLED
+        elif status == RunStatus.RUNNING:
             db.execute(
                 "UPDATE runs SET status = ?, cancel_requested_at = ? WHERE id = ?",
                 [str(RunStatus.CANCELLING), now(), run_id],
             )
-            return RunStatus.CANCELLING
+            status = RunStatus.CANCELLING
+        else:
+            # Already stopping or finished: nothing changed, so nothing to record.
+            return status
+        audit.record_run(db, actor, run_id=run_id, event="cancelled")
     return status
 
 
@@ -548,8 +578,15 @@ def _kill_group(pid: int | None) -> None:
         pass
 
 
-def promote(db: Database, run_id: int) -> None:
-    """Make a succeeded run's model the current one (and no other)."""
+def promote(db: Database, run_id: int, *, actor: Actor) -> None:
+    """Make a succeeded run's model the current one (and no other), as `actor`."""
+    authorize(actor, "train")
+    with write_transaction(db):
+        _make_current(db, run_id)
+        audit.record_run(db, actor, run_id=run_id, event="promoted")
+
+
+def _make_current(db: Database, run_id: int) -> None:
     if get_run(db, run_id)["status"] != RunStatus.SUCCEEDED:
         raise LoupeError(f"Run #{run_id} did not succeed; only a succeeded run's model can be made current.")
     db.execute(

@@ -259,5 +259,17 @@ def add_split_changes(db: Database) -> None:
     )
 
 
+@migrations()
+def add_job_requesters(db: Database) -> None:
+    # Who queued each job (name and role at the time): the worker runs it as that person, so the
+    # audit log names them rather than the worker. Jobs queued before this say nobody.
+    db.executescript(
+        """
+        ALTER TABLE runs ADD COLUMN requested_by TEXT;
+        ALTER TABLE runs ADD COLUMN requested_role TEXT;
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

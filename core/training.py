@@ -40,12 +40,20 @@ from core.checkpoints import TrainedModel, build_classifier
 from core.config import CLASS_WEIGHTINGS, PRESETS, ResolvedConfig, TrainConfig  # noqa: F401
 from core.embeddings import DECODE_THREADS, EmbeddingCache, decoded_batches, embed_images
 from core.errors import LoupeError
+from core.fewshot import head_training_set
 from core.images import open_image_rgb
-from core.selection import TrainDataset, TrainItem, check_trainable, dataset_from_catalog  # noqa: F401
+from core.search import search
+from core.selection import UNLABELLED_SPLIT, TrainDataset, TrainItem, check_trainable, dataset_from_catalog  # noqa: F401
 
 # Cui et al. (2019), "Class-balanced loss based on effective number of samples".
 EFFECTIVE_NUMBER_BETA = 0.999
 EVAL_BATCH_SIZE = 64
+# A head on cached embeddings learns as much from a few hundred thousand image views as from more; past
+# that, each optimiser step's fixed cost dominates. Large catalogs get larger batches and fewer epochs;
+# small ones (at most MAX_HEAD_STEPS_PER_EPOCH batches, HEAD_IMAGES_SEEN / epochs images) train as configured.
+MAX_HEAD_STEPS_PER_EPOCH = 32
+HEAD_IMAGES_SEEN = 600_000
+MIN_HEAD_EPOCHS = 5
 MIN_VAL_IMAGES_FOR_TEMPERATURE = 30
 
 
@@ -143,7 +151,11 @@ def train(
     config: TrainConfig, dataset: TrainDataset, reporter: Reporter, cache: EmbeddingCache | None = None
 ) -> TrainResult:
     """Train on `dataset` as `config` (resolved here unless it already is) says; the best epoch by
-    validation macro-F1 wins."""
+    validation macro-F1 wins. Strategy `search` trains several candidates and keeps the best
+    (core.search)."""
+    if config.strategy == "search":
+        check_trainable(dataset)
+        return search(config, dataset, reporter, cache, train=train)
     config = resolve(config, dataset)
     check_trainable(dataset)
     started = time.perf_counter()
@@ -218,17 +230,23 @@ def _seed_everything(seed: int) -> None:
 
 
 def loss_function(config: TrainConfig, train_counts: list[int], device: torch.device) -> Callable:
-    """Cross-entropy with class weights and label smoothing; focal when `focal_gamma` > 0."""
+    """Cross-entropy with class weights and label smoothing; focal when `focal_gamma` > 0.
+
+    The returned loss takes optional per-image weights (pseudo-labels count as much as they are sure).
+    """
     weight = torch.tensor(class_weights(train_counts, config.class_weighting), dtype=torch.float32, device=device)
-    if config.focal_gamma == 0:
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
-    def focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(logits: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=config.label_smoothing, reduction="none")
-        p_true = logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
-        return ((1 - p_true) ** config.focal_gamma * ce).sum() / weight[target].sum()
+        if config.focal_gamma:
+            p_true = logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+            ce = (1 - p_true) ** config.focal_gamma * ce
+        share = weight[target]
+        if sample_weight is not None:
+            ce, share = ce * sample_weight, share * sample_weight
+        return ce.sum() / share.sum()
 
-    return focal
+    return loss
 
 
 def augmentation_transform(preset: str, pre: Preprocessing, size: int) -> Callable:
@@ -236,8 +254,14 @@ def augmentation_transform(preset: str, pre: Preprocessing, size: int) -> Callab
     ends like eval's."""
     if preset == "none":
         geometry = [v2.CenterCrop(pre.input_size), v2.Resize(size, antialias=True)]
-    elif preset == "light":
+    elif preset in ("light", "light_gray"):
         geometry = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    elif preset in ("rotations", "rotations_gray"):
+        # Flips both ways and a quarter turn half the time: all 8 orientations of a square crop.
+        geometry = [
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(), v2.RandomApply([v2.RandomRotation((90, 90))]),
+        ]
     else:
         geometry = [
             v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
@@ -246,7 +270,7 @@ def augmentation_transform(preset: str, pre: Preprocessing, size: int) -> Callab
             v2.RandomRotation(30),
             v2.ColorJitter(0.4, 0.4, 0.4, 0.05),
         ]
-    if preset == "light":
+    if preset in ("light", "rotations"):
         geometry.append(v2.ColorJitter(0.2, 0.2, 0.2))
     return v2.Compose(
         [*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
@@ -357,10 +381,11 @@ class _Run:
             for module in frozen or []:
                 module.eval()  # frozen layers keep their batch-norm statistics too
             losses = []
-            for inputs, target in batches():
+            # Batches may carry a third element: per-image loss weights.
+            for inputs, target, *sample_weight in batches():
                 self.check_stop()
                 with autocast():
-                    loss = criterion(model(inputs), target)
+                    loss = criterion(model(inputs), target, *sample_weight)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -402,7 +427,12 @@ class _Run:
         features = torch.from_numpy(self.embed(cache))
         is_train = np.array([item.split == "train" for item in self.dataset.items])
         is_val = np.array([item.split == "val" for item in self.dataset.items])
-        x_train = features[is_train]
+        is_unlabelled = np.array([item.split == UNLABELLED_SPLIT for item in self.dataset.items])
+        x_labelled, y_labelled, sample_weight = head_training_set(
+            features[is_train].numpy(), np.array([item.label for item in self.train_items]),
+            features[is_unlabelled].numpy(), seed=self.config.seed,
+        )
+        x_train = torch.from_numpy(x_labelled).float()
         # Standardising makes one learning rate fit every backbone; it is folded into the layer after.
         # Each feature's variance is shrunk toward the average one: with a few near-identical images
         # some features barely vary, and dividing by that would blow up unseen images.
@@ -410,17 +440,22 @@ class _Run:
         variance = x_train.var(dim=0, unbiased=False)
         std = (variance + variance.mean()).sqrt().clamp_min(1e-6)
         x_train = ((x_train - mean) / std).to(self.device)
-        y_train = torch.tensor([item.label for item in self.train_items], device=self.device)
+        y_train = torch.from_numpy(y_labelled).long().to(self.device)
+        w_train = torch.from_numpy(sample_weight).float().to(self.device)
         x_val = ((features[is_val] - mean) / std).to(self.device)
         head = nn.Linear(features.shape[1], self.k).to(self.device)
-        n, batch_size = len(x_train), self.config.batch_size
+        n = len(x_train)
+        batch_size = max(self.config.batch_size, math.ceil(n / MAX_HEAD_STEPS_PER_EPOCH))
+        bounded_epochs = min(epochs, max(MIN_HEAD_EPOCHS, math.ceil(HEAD_IMAGES_SEEN / n)))
+        self.total_epochs -= epochs - bounded_epochs
+        epochs = bounded_epochs
         generator = torch.Generator().manual_seed(self.config.seed)
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, batch_size):
                 index = order[start : start + batch_size]
-                yield x_train[index], y_train[index]
+                yield x_train[index], y_train[index], w_train[index]
 
         optimizer = self.optimizer([{"params": head.parameters(), "lr": self.config.lr}])
         with _single_thread():

@@ -21,15 +21,14 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import numpy as np
 from sqlite_utils import Database
 
 from core import jobs, selection
-from core.auth import ADMIN, Actor
 from core.backbones import configure_threads, get_spec
 from core.backup import backup_workspace
 from core.catalog import now
@@ -102,6 +101,7 @@ class CatalogReporter:
         self._last_write = 0.0
         self._last_poll = 0.0
         self._stop = False
+        self._candidates: list[dict] = []
 
     def progress(self, p: Progress) -> None:
         # A step count going back is a new phase too (two_stage trains twice).
@@ -110,7 +110,16 @@ class CatalogReporter:
             self._phase, self._phase_started_at = p.phase, now()
         self._step = p.step
         self._latest = {**dataclasses.asdict(p), "at": now(), "phase_started_at": self._phase_started_at}
+        if self._candidates:
+            self._latest["candidates"] = self._candidates
         self._flush_if_due(force=new_phase)
+
+    def candidate(self, record: dict) -> None:
+        """The Best preset's search finished a candidate: shown with the run's progress from now on."""
+        self._candidates.append(record)
+        if self._latest is not None:
+            self._latest["candidates"] = self._candidates
+        self._flush_if_due(force=True)
 
     def epoch(self, m: EpochMetrics) -> None:
         self._epochs.append(dataclasses.asdict(m))
@@ -192,15 +201,14 @@ def execute_embed(ws: Workspace, db: Database, job_id: int, reporter: CatalogRep
             "computed": computed}
 
 
-# The worker is the machine's own process, like the `loupe` command: it runs the jobs already queued.
-WORKER_ACTOR = Actor("worker", ADMIN)
-
-
+# Exports and backups run as the person who queued them (core.jobs.requester): their role is checked
+# again here, and the audit log names them.
 def execute_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
-    params = jobs.get_run(db, job_id)["params"]
+    job = jobs.get_run(db, job_id)
+    params = job["params"]
     out = ws.root / "exports" / f"loupe-model-run-{int(params['run_id'])}.zip"
     report = export_run(ws, db, out, run_id=int(params["run_id"]), int8=bool(params.get("int8")),
-                        on_step=reporter.step, actor=WORKER_ACTOR)
+                        on_step=reporter.step, actor=jobs.requester(job))
     return export_result(report)
 
 
@@ -211,13 +219,17 @@ def export_result(report) -> dict:
 
 def execute_dataset_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
     out = ws.root / "exports" / "loupe-dataset.zip"
-    return {"path": str(out), **export_dataset(ws, db, out, actor=WORKER_ACTOR, on_progress=reporter.counter("writing images"))}
+    counts = export_dataset(ws, db, out, actor=jobs.requester(jobs.get_run(db, job_id)),
+                            on_progress=reporter.counter("writing images"))
+    return {"path": str(out), **counts}
 
 
 def execute_backup(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = ws.root / "backups" / f"loupe-backup-{stamp}-{job_id}.zip"
-    return {"path": str(out), **backup_workspace(ws, out, actor=WORKER_ACTOR, on_progress=reporter.counter("writing files"))}
+    counts = backup_workspace(ws, out, actor=jobs.requester(jobs.get_run(db, job_id)),
+                              on_progress=reporter.counter("writing files"))
+    return {"path": str(out), **counts}
 
 
 JOBS_BY_KIND = {
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=jobs.WORKER_IDLE_EXIT_SECONDS, metavar="SECONDS",
                         help="with --serve: exit after this long without a job")
     args = parser.parse_args(argv)
-    ws = open_workspace(args.workspace)
+    ws = open_workspace(args.workspace, sweep=False)
     if args.serve:
         serve(ws, idle_exit_seconds=args.idle_exit)
         return 0

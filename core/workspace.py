@@ -71,9 +71,12 @@ def read_only_message(ws: Workspace) -> str:
     )
 
 
-def open_workspace(root: str | Path | None = None) -> Workspace:
+def open_workspace(root: str | Path | None = None, *, sweep: bool = True) -> Workspace:
     """Create the workspace folders if needed, bring its catalog to the current schema and sweep what a
-    killed process left behind. A read-only workspace is opened as it is, when its catalog is current."""
+    killed process left behind. A read-only workspace is opened as it is, when its catalog is current.
+
+    Background processes pass sweep=False: the page that started them has swept already, and walking
+    every image file again would cost each of them seconds on a large catalog."""
     from core.schema import migrate, migrations
 
     ws = Workspace(Path(root) if root is not None else default_workspace_path())
@@ -93,7 +96,8 @@ def open_workspace(root: str | Path | None = None) -> Workspace:
         db = connect(ws)
         try:
             migrate(db)
-            sweep_leftovers(ws, db)
+            if sweep:
+                sweep_leftovers(ws, db)
         finally:
             db.close()
     return ws
@@ -189,9 +193,8 @@ def sweep_leftovers(ws: Workspace, db: sqlite_utils.Database) -> list[str]:
         cutoff = time.time() - (0 if alone else LEFTOVER_GRACE_SECONDS)
         referenced = {p for row in db.execute("SELECT path, thumb_path FROM images") for p in row}
         for folder in (ws.images_dir, ws.thumbs_dir):
-            for path in folder.rglob("*"):
-                rel = path.relative_to(ws.root).as_posix()
-                if path.is_file() and rel not in referenced and _older_than(path, cutoff):
+            for rel, entry in _files_under(folder, folder.name):
+                if rel not in referenced and _older_than(path := Path(entry.path), cutoff):
                     path.unlink(missing_ok=True)
                     removed.append(rel)
     writing = {
@@ -207,6 +210,21 @@ def sweep_leftovers(ws: Workspace, db: sqlite_utils.Database) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.relative_to(ws.root).as_posix())
     return removed
+
+
+def _files_under(folder: str | Path, rel: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """Every regular file below `folder` with its path relative to the workspace; os.scandir, unlike
+    Path.rglob, learns each entry's type from the folder listing without a stat per file."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _files_under(entry.path, f"{rel}/{entry.name}")
+        elif entry.is_file(follow_symlinks=False):
+            yield f"{rel}/{entry.name}", entry
 
 
 def _older_than(path: Path, cutoff: float) -> bool:

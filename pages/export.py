@@ -4,8 +4,8 @@ Each is a job the worker runs (core.jobs): the page queues it, shows its progres
 and its outcome once it finished, and never waits for it.
 """
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import streamlit as st
@@ -92,7 +92,7 @@ def export_report(result: dict) -> ExportReport:
 
 
 def queue(ws, db, kind: jobs.JobKind, params: dict | None = None) -> None:
-    job_id = jobs.create_job(db, kind, params)
+    job_id = jobs.create_job(db, kind, params, actor=state.actor())
     jobs.start_next_queued(ws, db)
     st.toast(f"{jobs.job_title(jobs.get_run(db, job_id))} queued.")
 
@@ -112,7 +112,7 @@ def live_job(job_id: int) -> None:
     st.progress(jobs.progress_fraction(progress), text=text)
     if job["status"] in (jobs.RunStatus.QUEUED, jobs.RunStatus.RUNNING):
         if st.button("Cancel", key=f"cancel_job_{job_id}"):
-            jobs.cancel(db, job_id)
+            jobs.cancel(db, job_id, actor=state.actor())
             st.rerun(scope="fragment")
 
 
@@ -125,9 +125,12 @@ def job_panel(db, kind: jobs.JobKind, show_result: Callable[[dict], None]) -> No
     if job["status"] not in jobs.FINISHED_STATUSES:
         st.fragment(run_every=LIVE_REFRESH_SECONDS)(live_job)(job["id"])
     elif job["status"] == jobs.RunStatus.FAILED:
-        st.error(state.literal(f"{jobs.job_title(job)} failed: {job['error']}"))
+        # A traceback's last line says what went wrong; the whole text stays in the job's record.
+        reason = (job["error"] or "").strip().rsplit("\n", 1)[-1]
+        st.error(state.literal(f"{jobs.job_title(job)} failed: {reason}"))
     elif job["status"] == jobs.RunStatus.CANCELLED:
-        st.warning(state.literal(f"{jobs.job_title(job)} was cancelled." + (f" {job['error']}" if job["error"] else "")))
+        reason = f" {job['error']}" if job["error"] else ""
+        st.warning(state.literal(f"{jobs.job_title(job)} was cancelled.{reason}"))
     elif Path(job["result"]["path"]).is_file():
         show_result(job["result"])
 

@@ -129,7 +129,7 @@ def import_section(db) -> None:
 def server_import(db) -> None:
     roots = serve.import_roots()
     if not roots:
-        st.info("Importing from this computer's disk is turned off: start Loupe with "
+        st.info("Importing from the server's disk is turned off: start Loupe with "
                 "`loupe serve --import-root FOLDER` to allow a folder.")
         return
     st.caption("Folders you can import from:")

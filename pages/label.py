@@ -17,6 +17,7 @@ import plotly.express as px
 import streamlit as st
 
 from core import catalog, embedding_map, images, similar, uncertainty
+from core.auth import can
 from core.errors import LoupeError
 from dashboard import components, state
 
@@ -438,18 +439,21 @@ def undo_class_change(change_id: int) -> None:
 
 
 def class_section(db, classes: list[str]) -> None:
+    # Labellers add classes as they label; renaming, merging and archiving are for admins.
+    manages = can(state.actor(), "manage_classes")
     with st.expander("Classes"):
         add, change = st.columns(2)
         with add:
             st.text_input("New class", key="label_new_class", help="Matched to existing classes whatever its case.")
             st.button("Add class", key="label_add_class", on_click=run_action, args=(add_typed_class,))
-        with change:
-            st.selectbox("Class", classes, key="class_source", index=None, placeholder="Choose a class")
-            st.text_input("New name, or the class to merge into", key="class_target")
-            buttons = st.columns(3)
-            for column, action in zip(buttons, ["rename", "merge", "archive"]):
-                column.button(f"{action.capitalize()}…", key=f"ask_{action}", on_click=run_action,
-                              args=(ask_class_change, action), width="stretch")
+        if manages:
+            with change:
+                st.selectbox("Class", classes, key="class_source", index=None, placeholder="Choose a class")
+                st.text_input("New name, or the class to merge into", key="class_target")
+                buttons = st.columns(3)
+                for column, action in zip(buttons, ["rename", "merge", "archive"]):
+                    column.button(f"{action.capitalize()}…", key=f"ask_{action}", on_click=run_action,
+                                  args=(ask_class_change, action), width="stretch")
         if asked := st.session_state.get("class_confirm"):
             what = {
                 "rename": f"Rename {asked['source']!r} to {asked['target']!r}?",
@@ -461,7 +465,7 @@ def class_section(db, classes: list[str]) -> None:
             yes.button("Confirm", key="confirm_class_change", type="primary", on_click=run_action,
                        args=(confirm_class_change,))
             no.button("Cancel", key="cancel_class_change", on_click=cancel_class_change)
-        if last := catalog.last_class_change(db):
+        if manages and (last := catalog.last_class_change(db)):
             st.button(state.literal(f"Undo the last class change ({last['action']} by {last['who']})"),
                       key="undo_class_change",
                       on_click=run_action, args=(undo_class_change, last["id"]))

@@ -12,15 +12,15 @@ from PIL import Image
 
 from core import catalog, hard, images, jobs, reviews
 from core.auth import can
-from core.cam_cache import CAM_SIDE, CamRequest, CamService, cached_cam
+from core.cam_cache import CAM_SIDE, CamRequest, CamService, cached_cam, cam_path
 from core.compare import compare_runs, reviewer_agreement
 from core.config import PRESETS
 from core.errors import LoupeError
 from core.explain import CAM_METHOD_NAMES, display_overlay, explain
 from core.images import open_image_rgb
 from core.metrics import (
-    EVALUATION_SPLITS, MIN_IMAGES_TO_JUDGE, Estimate, RunPredictions, confusion_cell_images, headline,
-    load_run_predictions, score_estimates, split_metrics, stored_headline,
+    EVALUATION_SPLITS, MIN_IMAGES_TO_JUDGE, Estimate, Headline, RunPredictions, SplitMetrics, confusion_cell_images,
+    headline, load_run_predictions, score_estimates, split_metrics, stored_headline,
 )
 from core.workspace import Workspace
 from dashboard import state
@@ -30,6 +30,8 @@ DISPLAY_SIZE = 512
 # Thumbnails the gallery shows at once, and images after the open one whose pictures go ahead.
 GALLERY_SIZE = 60
 GALLERY_AHEAD = 3
+# Large pictures sent per rerun for the rest of the gallery, once their maps are cached.
+GALLERY_BATCH = 6
 QUEUES = {
     "misclassified": "Misclassified (most confidently wrong first)",
     "uncertain": "Right, but unsure (smallest margin first)",
@@ -70,6 +72,18 @@ def _predictions(root: str, run_id: int) -> RunPredictions:
     # A finished run's predictions never change, so they can be kept.
     ws = Workspace(Path(root))
     return load_run_predictions(ws, state.db(), run_id)
+
+
+# Figures of a finished run never change: kept per run and split, so a rerun (a click in a gallery)
+# does not recompute them over every prediction.
+@st.cache_data(max_entries=16, show_spinner=False)
+def _headline(root: str, run_id: int) -> Headline:
+    return headline(_predictions(root, run_id))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _split_metrics(root: str, run_id: int, split: str) -> SplitMetrics:
+    return split_metrics(_predictions(root, run_id), split)
 
 
 @st.cache_data(max_entries=8, show_spinner="Finding likely mislabelled images…")
@@ -245,7 +259,7 @@ def headline_section(root: str, predictions: RunPredictions) -> None:
     """The figure the run is judged by: test when it has test images, else validation, labelled as
     optimistic, beside a cross-validated estimate on the cached embeddings."""
     try:
-        top = headline(predictions)
+        top = _headline(root, predictions.run_id)
     except LoupeError as exc:
         st.info(state.literal(str(exc)))
         return
@@ -273,9 +287,9 @@ def headline_section(root: str, predictions: RunPredictions) -> None:
         st.warning(f"Only {top.accuracy.n} images: too few to judge (fewer than {MIN_IMAGES_TO_JUDGE}).")
 
 
-def metrics_section(predictions: RunPredictions, split: str) -> None:
+def metrics_section(root: str, predictions: RunPredictions, split: str) -> None:
     try:
-        m = split_metrics(predictions, split)
+        m = _split_metrics(root, predictions.run_id, split)
     except LoupeError as exc:
         st.info(state.literal(str(exc)))
         return
@@ -537,12 +551,24 @@ def _apply_review_outbox(key: str, queue: str) -> list[str]:
     return acknowledged
 
 
+def _pictures_in_browser(key: str, outbox: review_gallery.ReviewOutbox, token: str) -> dict[str, set[int]]:
+    """The images whose thumbnail ("thumbs") and large pictures ("large") this mount of the gallery
+    already holds, those it reports missing excepted: each picture is sent once, not on every rerun."""
+    sent = st.session_state.get(f"{key}_sent")
+    if sent is None or sent["client"] != outbox.client or sent["token"] != token:
+        sent = st.session_state[f"{key}_sent"] = {"client": outbox.client, "token": token, "thumbs": set(),
+                                                  "large": set()}
+    sent["thumbs"] -= outbox.missing
+    sent["large"] -= outbox.missing
+    return sent
+
+
 def _gallery_item(db, ws: Workspace, predictions: RunPredictions, rows: dict[int, int], image_id: int,
-                  reviewed: set[int], note: str | None) -> dict:
+                  reviewed: set[int], note: str | None, *, with_thumb: bool) -> dict:
     image = catalog.get_image(db, image_id)
     item = {"id": image_id, "name": image["original_name"], "label": image["label"], "predicted": None,
-            "confidence": None, "reviewed": image_id in reviewed, "note": note,
-            "thumb": _thumb_url(str(ws.root / image["thumb_path"]))}
+            "confidence": None, "reviewed": image_id in reviewed, "note": note, "sent": not with_thumb,
+            "thumb": _thumb_url(str(ws.root / image["thumb_path"])) if with_thumb else None}
     if image_id in rows:
         probs = predictions.probs[rows[image_id]]
         item["predicted"] = predictions.classes[int(np.argmax(probs))]
@@ -551,25 +577,33 @@ def _gallery_item(db, ws: Workspace, predictions: RunPredictions, rows: dict[int
 
 
 def _window_item(ws: Workspace, run_id: int, predictions: RunPredictions, rows: dict[int, int], image: dict,
-                 *, compute: bool) -> dict:
-    """The large picture and maps of one image; maps not cached are computed only when `compute`."""
+                 *, compute: bool, with_pictures: bool) -> dict:
+    """The large picture and maps of one image (none when the browser holds them already); maps not
+    cached are computed only when `compute`."""
     service = _cams()
     cams, note = [], None
     for title, class_index in _cam_classes(predictions, rows.get(image["id"]), image["label"]):
         request = CamRequest(image["id"], image["path"], class_index)
         src = None
         try:
-            if compute:
+            if with_pictures and compute:
                 src = _jpeg_url(service.cam(ws, run_id, request))
-            elif (cached := cached_cam(ws, run_id, image["id"], class_index)) is not None:
+            elif with_pictures and (cached := cached_cam(ws, run_id, image["id"], class_index)) is not None:
                 src = _jpeg_url(cached)
         except LoupeError as exc:
             note = str(exc)
         cams.append({"title": title, "class_index": class_index, "src": src})
     if image["id"] not in rows:
         note = "This run made no prediction for this image: there is no map to show."
-    return {"id": image["id"], "name": image["original_name"], "src": _preview_url(str(ws.root / image["path"])),
-            "cams": cams, "note": note}
+    src = _preview_url(str(ws.root / image["path"])) if with_pictures else None
+    return {"id": image["id"], "name": image["original_name"], "src": src, "cams": cams, "note": note,
+            "sent": not with_pictures}
+
+
+def _maps_cached(db, ws: Workspace, run_id: int, predictions: RunPredictions, rows: dict[int, int],
+                 image_id: int) -> bool:
+    label = catalog.get_image(db, image_id)["label"]
+    return all(cam_path(ws, run_id, image_id, c).exists() for _, c in _cam_classes(predictions, rows.get(image_id), label))
 
 
 @st.fragment
@@ -587,28 +621,47 @@ def review_gallery_section(root: str, run_id: int, predictions: RunPredictions, 
     shown = ids[:GALLERY_SIZE]
     if outbox.current in ids and outbox.current not in shown:
         shown.append(outbox.current)
-    items = [_gallery_item(db, ws, predictions, rows, i, reviewed, notes.get(i)) for i in shown]
     token = f"{run_id}:{queue}:{which}"
+    sent = _pictures_in_browser(key, outbox, token)
+    items = [_gallery_item(db, ws, predictions, rows, i, reviewed, notes.get(i), with_thumb=i not in sent["thumbs"])
+             for i in shown]
+    sent["thumbs"].update(shown)
     if st.session_state.get(f"{key}_ahead") != token:
-        # The whole queue's maps, computed in the background from the first image on.
+        # The gallery's maps, computed in the background from its first image on.
         st.session_state[f"{key}_ahead"] = token
         requests = []
-        for image_id in ids:
+        for image_id in shown:
             image = catalog.get_image(db, image_id)
             requests += [CamRequest(image_id, image["path"], c)
                          for _, c in _cam_classes(predictions, rows.get(image_id), image["label"])]
         _cams().ahead(ws, run_id, requests)
     window = []
+
+    def send_large(image_id: int, *, compute: bool) -> None:
+        item = _window_item(ws, run_id, predictions, rows, catalog.get_image(db, image_id), compute=compute,
+                            with_pictures=image_id not in sent["large"])
+        if item["src"] and all(cam["src"] for cam in item["cams"]):
+            sent["large"].add(image_id)
+        window.append(item)
+
+    ahead = []
     if outbox.current in ids:
         at = ids.index(outbox.current)
-        for n, image_id in enumerate(ids[at : at + 1 + GALLERY_AHEAD]):
-            window.append(_window_item(ws, run_id, predictions, rows, catalog.get_image(db, image_id), compute=n == 0))
+        send_large(outbox.current, compute=True)
+        ahead = ids[at + 1 : at + 1 + GALLERY_AHEAD]
+    # Then the gallery's images whose maps are ready, a few a rerun (the browser asks for more), so
+    # a click on any tile shows its maps at once.
+    ready = [i for i in shown if i not in sent["large"] and i != outbox.current and i not in ahead
+             and _maps_cached(db, ws, run_id, predictions, rows, i)]
+    for image_id in ahead + ready[:GALLERY_BATCH]:
+        send_large(image_id, compute=False)
     review_gallery.reviewer(
         key=key,
         data={
             "channel": f"review-{run_id}-{queue}", "queue_token": token, "items": items, "window": window,
             "classes": review_gallery.relabel_keys(predictions.classes), "acked": acknowledged,
             "remaining": sum(1 for i in ids if i not in reviewed), "more": max(0, len(ids) - len(shown)),
+            "unsent": sum(1 for i in shown if i not in sent["large"]), "reply_to": outbox.attempt,
         },
         on_outbox_change=lambda: None,
     )
@@ -802,7 +855,7 @@ metrics_tab, hard_tab, compare_tab, agreement_tab = st.tabs(
     ["Metrics", "Hard examples", "Compare runs", "Agreement"]
 )
 with metrics_tab:
-    metrics_section(run_predictions, chosen_split)
+    metrics_section(workspace_root, run_predictions, chosen_split)
 with hard_tab:
     hard_examples_section(workspace_root, chosen_run, run_predictions)
 with compare_tab:

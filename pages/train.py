@@ -13,7 +13,6 @@ from core.backbones import available_backbones
 from core.config import ALLOWED_VALUES, DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, TrainConfig
 from core.errors import LoupeError
 from core.metrics import MIN_IMAGES_TO_JUDGE, split_warnings
-from core.selection import dataset_from_catalog
 from core.training import class_weights
 from dashboard import state
 
@@ -47,7 +46,8 @@ def config_form(preset: str) -> TrainConfig:
     with st.expander("Advanced"):
         columns = st.columns(3)
         # A local weights file is read by the worker: only admins may name one.
-        fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "weights_path" or can(state.actor(), "settings")]
+        fields = [f for f in dataclasses.fields(TrainConfig)
+                  if f.name != "weights_path" or can(state.actor(), "settings")]
         for number, field in enumerate(fields):
             with columns[number % 3]:
                 key = f"config_{preset}_{field.name}"
@@ -56,14 +56,21 @@ def config_form(preset: str) -> TrainConfig:
 
 
 def class_balance(db, config: TrainConfig) -> None:
-    dataset = dataset_from_catalog(state.workspace(), db)
-    if not dataset.classes:
+    # Counted in SQL as a run queued now would see them (no excluded images; no split means train):
+    # building the dataset itself takes seconds on a large catalog.
+    rows = list(db.query(
+        "SELECT classes.name AS class, "
+        "coalesce(sum(images.id IS NOT NULL AND coalesce(splits.split, 'train') = 'train'), 0) AS train, "
+        "coalesce(sum(images.id IS NOT NULL AND splits.split = 'val'), 0) AS val, "
+        "coalesce(sum(images.id IS NOT NULL AND splits.split = 'test'), 0) AS test "
+        "FROM classes LEFT JOIN labels ON labels.class_id = classes.id "
+        "LEFT JOIN images ON images.id = labels.image_id AND images.excluded = 0 "
+        "LEFT JOIN splits ON splits.image_id = images.id "
+        "WHERE classes.archived = 0 GROUP BY classes.id ORDER BY classes.id"
+    ))
+    if not rows:
         st.info("No labelled images yet: label some on the Label page first.")
         return
-    rows = [{"class": name, "train": 0, "val": 0, "test": 0} for name in dataset.classes]
-    for item in dataset.items:
-        if item.label is not None:
-            rows[item.label][item.split] += 1
     weights = class_weights([row["train"] for row in rows], config.class_weighting)
     for row, weight in zip(rows, weights):
         row["class weight"] = round(weight, 3)
@@ -120,6 +127,11 @@ def start_section(db) -> None:
         st.error(state.literal(str(exc)))
         return
     class_balance(db, config)
+    if config.strategy == "search":
+        st.caption(
+            f"Estimate: at most about {config.budget_minutes:g} minutes (the budget). Candidates run cheapest "
+            "first; one whose time, estimated from this machine's measured speed, would not fit is skipped."
+        )
     if st.button("Train", type="primary", key="train"):
         try:
             run_id = jobs.create_run(state.workspace(), db, config, actor=state.actor(),
@@ -137,7 +149,7 @@ def embed_section(db, config: TrainConfig) -> None:
     if st.button("Embed every image now", key="embed_all",
                  help=f"Compute {config.backbone}'s features of every image in the background, so the next "
                       "quick run trains in seconds."):
-        job_id = jobs.create_job(db, jobs.JobKind.EMBED, {"config": config.to_dict()})
+        job_id = jobs.create_job(db, jobs.JobKind.EMBED, {"config": config.to_dict()}, actor=state.actor())
         jobs.start_next_queued(state.workspace(), db)
         st.toast(f"Embedding #{job_id} queued.")
 
@@ -188,9 +200,10 @@ def live_run(db, run: dict) -> None:
             if (eta := jobs.eta_seconds(progress)) is not None:
                 parts.append(f"about {_duration(eta)} left")
         st.progress(fraction, text=" · ".join(parts))
-    if run["status"] in (jobs.RunStatus.QUEUED, jobs.RunStatus.RUNNING):
+        search_candidates((progress or {}).get("candidates", []))
+    if run["status"] in (jobs.RunStatus.QUEUED, jobs.RunStatus.RUNNING) and can(state.actor(), "train"):
         if st.button("Cancel", key=f"cancel_{run['id']}"):
-            jobs.cancel(db, run["id"])
+            jobs.cancel(db, run["id"], actor=state.actor())
             st.rerun(scope="fragment")
     curves(db, run["id"])
 
@@ -206,7 +219,19 @@ def last_run(db, run: dict) -> None:
         st.error(state.literal(f"Run #{run['id']} failed: {run['error']}"))
     else:
         st.warning(state.literal(f"Run #{run['id']} was cancelled." + (f" {run['error']}" if run["error"] else "")))
+    search_candidates(metrics.get("candidates", []), metrics.get("best_candidate"))
     curves(db, run["id"])
+
+
+def search_candidates(candidates: list[dict], chosen: str | None = None) -> None:
+    """The Best preset's candidates so far: each one's validation macro-F1 with its 95% interval."""
+    for c in candidates:
+        if "val_macro_f1" in c:
+            line = (f"{c['name']}: validation macro-F1 {c['val_macro_f1']:.3f} (95% interval "
+                    f"{c['val_macro_f1_low']:.3f} to {c['val_macro_f1_high']:.3f}), {_duration(c['seconds'])}")
+        else:
+            line = f"{c['name']}: {c['status']}"
+        st.caption(state.literal(line + (" · chosen" if c["name"] == chosen else "")))
 
 
 def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
@@ -241,11 +266,11 @@ def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
                  column_config={"current": st.column_config.CheckboxColumn(help="The model in use"),
                                 "val accuracy": st.column_config.NumberColumn(format="percent")})
     promotable = [run["id"] for run in runs if run["status"] == jobs.RunStatus.SUCCEEDED and not run["is_current"]]
-    if promotable:
+    if promotable and can(state.actor(), "train"):
         columns = st.columns([1, 3])
         chosen = columns[0].selectbox("Use the model of run", promotable, key="promote_run")
         if columns[0].button("Make current", key="promote"):
-            jobs.promote(db, chosen)
+            jobs.promote(db, chosen, actor=state.actor())
             st.rerun(scope="fragment")
 
 
@@ -260,9 +285,11 @@ def live_section() -> None:
         live_run(db, run)
     if waiting := len(active) - len(shown):
         st.caption(f"{waiting} more run(s) queued.")
-    if others := [job for job in jobs.active_jobs(db) if job["kind"] != jobs.JobKind.TRAIN]:
-        st.caption("The worker also has " + ", ".join(f"{jobs.job_title(job)} ({job['status']})" for job in others)
-                   + ": runs wait their turn.")
+    # The worker's other jobs (an embedding started here, an export): runs queued after them wait their turn.
+    for job in jobs.active_jobs(db):
+        if job["kind"] != jobs.JobKind.TRAIN:
+            phase = f" · {job['progress']['phase']}" if job["progress"] else ""
+            st.progress(jobs.progress_fraction(job["progress"]), text=f"{jobs.job_title(job)} {job['status']}{phase}")
     if not active and runs:
         last_run(db, runs[0])
     history(db, runs, jobs.run_item_counts(db))

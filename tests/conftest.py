@@ -58,7 +58,8 @@ def add_labelled_images(ws, db, per_class: dict[str, dict[str, int]], unlabelled
                 color = tuple((c + 3 * n) % 256 for c in base)
                 ingest.ingest_bytes(ws, db, image_bytes(color, (32, 32)), f"{name}-{n}.png", name, split, actor=TESTER)
     for i in range(unlabelled):
-        ingest.ingest_bytes(ws, db, image_bytes((128, 128, (7 * i) % 256), (32, 32)), f"unlabelled-{i}.png", actor=TESTER)
+        ingest.ingest_bytes(ws, db, image_bytes((128, 128, (7 * i) % 256), (32, 32)), f"unlabelled-{i}.png",
+                            actor=TESTER)
 
 
 # Two classes, each with 4 train, 2 val and 1 test image: the smallest set every training check accepts.
@@ -110,7 +111,7 @@ def make_run(workspace, db):
     from core import catalog, jobs
     from core.backbones import DEFAULT_BACKBONE, get_spec
     from core.checkpoints import TrainedModel, build_classifier, run_checkpoint_path, save_checkpoint
-    from core.training import TrainConfig
+    from core.config import TrainConfig
 
     def make(probs: dict | None = None, current: bool = True, seed: int = 0) -> int:
         classes = catalog.list_classes(db)
@@ -144,7 +145,7 @@ def make_run(workspace, db):
         ]
         jobs.finish_succeeded(db, run_id, {}, predictions, jobs.get_run(db, run_id)["config"])
         if not current and previous:
-            jobs.promote(db, previous["id"])
+            jobs.promote(db, previous["id"], actor=TESTER)
         elif not current:
             db.execute("UPDATE runs SET is_current = 0 WHERE id = ?", [run_id])
         return run_id

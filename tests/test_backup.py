@@ -244,3 +244,25 @@ def test_a_backup_never_takes_a_file_from_outside_the_workspace(workspace, db, t
     with pytest.raises(LoupeError, match="outside the workspace's own folders"):
         backup_workspace(workspace, tmp_path / "b.zip", actor=TESTER)
     assert not (tmp_path / "b.zip").exists()
+
+
+def test_a_backup_and_its_restore_are_in_the_audit_log_and_refused_to_other_roles(workspace, db, tmp_path):
+    from core import audit
+    from core.auth import Actor
+
+    add_labelled_images(workspace, db, {"red": {"train": 1}})
+    for role in ("labeller", "reviewer", "viewer"):
+        with pytest.raises(LoupeError, match=f"Your role, {role}, cannot back up the workspace"):
+            backup_workspace(workspace, tmp_path / "b.zip", actor=Actor("someone", role))
+        with pytest.raises(LoupeError, match=f"Your role, {role}, cannot back up the workspace"):
+            restore_workspace(tmp_path / "b.zip", tmp_path / "restored", actor=Actor("someone", role))
+    assert not (tmp_path / "b.zip").exists() and not (tmp_path / "restored").exists()
+    backup_workspace(workspace, tmp_path / "b.zip", actor=TESTER)
+    restore_workspace(tmp_path / "b.zip", tmp_path / "restored", actor=Actor("root", "admin"))
+    assert [(e["who"], e["details"]["event"]) for e in audit.list_entries(db) if e["action"] == "backup"] == [
+        ("tester", "backup")]
+    restored = connect(Workspace(tmp_path / "restored"))
+    # The restored log is the snapshot's (taken before the backup's own entry), plus who restored it.
+    assert [(e["who"], e["details"]["event"]) for e in audit.list_entries(restored) if e["action"] == "backup"] == [
+        ("root", "restore")]
+    restored.close()

@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.browser
 
+SHOWN = ".loupe-focus img.loupe-shown"
 TIMEOUT_MS = 30_000
 # Loading a model (a run's worker, the Grad-CAM map, the ONNX export) takes longer than a page change.
 RUN_TIMEOUT_MS = 90_000
@@ -126,16 +127,17 @@ def step_upload_three_images(session: Session) -> None:
 def step_label_one_by_keyboard(session: Session, tmp_path: Path) -> None:
     page = session.page
     session.open_page("Label")
+    session.set_user("ana")
     page.get_by_text("Focus", exact=True).click()
     page.get_by_role("button", name="1 · meadow").wait_for(timeout=TIMEOUT_MS)
+    page.locator(f"{SHOWN}[data-image-id='1']").wait_for(timeout=TIMEOUT_MS)
     session.wait_idle()
-    page.get_by_text("#1", exact=True).wait_for(timeout=TIMEOUT_MS)
-    session.set_user("ana")
     # Shortcuts are ignored while a form field (here the mode switch just clicked) has the focus.
     page.evaluate("document.activeElement && document.activeElement.blur()")
     page.keyboard.press("1")
-    page.get_by_text("#2", exact=True).wait_for(timeout=TIMEOUT_MS)
-    page.get_by_role("button", name="Select all matching").wait_for(state="detached", timeout=TIMEOUT_MS)
+    page.locator(f"{SHOWN}[data-image-id='2']").wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.querySelector('.loupe-labeller')?.dataset.pending === '0'",
+                           timeout=TIMEOUT_MS)
     session.wait_idle()
     image = catalog.get_image(session.db(), 1)
     assert (image["label"], image["labelled_by"]) == ("meadow", "ana")
@@ -182,15 +184,16 @@ def step_review_relabel_and_retrain(session: Session, tmp_path: Path) -> None:
     open_button.wait_for(timeout=TIMEOUT_MS)
     image_id = int(open_button.inner_text().strip().removeprefix("Open #"))
     open_button.click()
-    page.get_by_role("heading", name=re.compile(rf"^Image #{image_id} · ")).wait_for(timeout=TIMEOUT_MS)
-    # The overlay is drawn once the heat map is computed in the server; its caption names the class explained.
-    caption = page.get_by_test_id("stImageCaption").filter(has_text=re.compile(r"^Grad-CAM for (meadow|sky)$"))
+    page.get_by_role("heading", name=f"Image #{image_id}", exact=True).wait_for(timeout=TIMEOUT_MS)
+    # The overlay is drawn once the heat map is computed in the server; the line below it names the class explained.
+    caption = page.get_by_test_id("stText").filter(has_text=re.compile(r"^Grad-CAM for (meadow|sky)$"))
     caption.wait_for(timeout=RUN_TIMEOUT_MS)
     session.wait_idle()
-    overlay = page.get_by_test_id("stImage").filter(has=caption).locator("img")
-    # The browser fetches the picture from the media endpoint after the element is drawn.
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(),
-                           timeout=TIMEOUT_MS)
+    # The browser fetches the pictures from the media endpoint after the elements are drawn.
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stImage] img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=TIMEOUT_MS,
+    )
     before = catalog.get_image(session.db(), image_id)["label"]
     after = "sky" if before == "meadow" else "meadow"
     page.get_by_role("button", name="Relabel", exact=True).click()

@@ -106,7 +106,7 @@ def settle(page, listener: Listener, where: str) -> None:
 
 def open_page(page, listener: Listener, title: str) -> None:
     page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
-    page.get_by_role("heading", name=title if title != "Home" else "Loupe").wait_for(timeout=TIMEOUT_MS)
+    page.get_by_role("heading", name=title if title != "Home" else "Loupe", exact=True).wait_for(timeout=TIMEOUT_MS)
     settle(page, listener, title)
 
 

@@ -37,6 +37,12 @@ def browser_page():
             browser.close()
 
 
+def wait_until_acknowledged(page) -> None:
+    page.wait_for_function(
+        "root => document.querySelector(root).dataset.pending === '0'", arg=ROOT, timeout=TIMEOUT_MS
+    )
+
+
 def open_gallery(page, url: str) -> None:
     page.goto(url)
     page.get_by_test_id("stSidebarNav").get_by_text("Review", exact=True).click()
@@ -70,16 +76,20 @@ def test_fast_decisions_in_the_gallery_land_on_the_image_on_screen_once_each(bro
         page.evaluate(RECORD_PRESSES)
         for key in ("c", "1", "x"):
             page.keyboard.press(key)
-        page.wait_for_function(
-            "root => document.querySelector(root).dataset.pending === '0'", arg=ROOT, timeout=TIMEOUT_MS
-        )
+        wait_until_acknowledged(page)
         presses = page.evaluate("window.loupePresses")
+        # Keys typed into the comment box are text, not decisions.
+        commented = int(page.locator(ROOT).get_attribute("data-open"))
+        page.locator(".loupe-review-comment").fill("")
+        page.locator(".loupe-review-comment").press_sequentially("cx1 <i>as</i>")
+        page.locator(".loupe-review-comment").press("Enter")
+        wait_until_acknowledged(page)
     on_screen = [p["imageId"] for p in presses]
     assert on_screen[0] == first and len(set(on_screen)) == 3 and None not in on_screen
     db = connect(workspace)
     landed = [(r["image_id"], r["decision"], r["class_name"])
               for r in db.query("SELECT r.image_id, r.decision, c.name AS class_name FROM reviews r "
-                                "LEFT JOIN classes c ON c.id = r.class_id ORDER BY r.id")]
+                                "LEFT JOIN classes c ON c.id = r.class_id WHERE r.decision != 'comment' ORDER BY r.id")]
     expected_confirm = catalog.get_image(db, on_screen[0])["label"]
     assert landed == [
         (on_screen[0], "confirm", expected_confirm),
@@ -87,4 +97,5 @@ def test_fast_decisions_in_the_gallery_land_on_the_image_on_screen_once_each(bro
         (on_screen[2], "exclude", None),
     ]
     assert catalog.get_image(db, on_screen[2])["excluded"] == 1
+    assert [(h["decision"], h["comment"]) for h in reviews.review_history(db, commented)] == [("comment", "cx1 <i>as</i>")]
     assert [h["decision"] for h in reviews.review_history(db, on_screen[1])] == ["relabel"]

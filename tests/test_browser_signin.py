@@ -12,7 +12,7 @@ from core import accounts, audit
 from core.auth import Actor
 from core.serve import MODE_ENV, TEAM
 from core.workspace import connect, open_workspace
-from tests.conftest import APP, ROOT, add_labelled_images
+from tests.conftest import APP, ROOT, TESTER, add_labelled_images
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_health
 
 pytestmark = pytest.mark.browser
@@ -119,7 +119,7 @@ def test_a_built_in_account_signs_in_stays_signed_in_on_reload_and_signs_out(syn
         page.reload()
         page.get_by_role("heading", name="Sign in to Loupe").wait_for(timeout=TIMEOUT_MS)
     db = connect(team_workspace)
-    actions = [(e["who"], e["action"]) for e in reversed(audit.list_entries(db)) if e["who"] != "setup"]
+    actions = [(e["who"], e["action"]) for e in reversed(audit.list_entries(db)) if e["who"] not in (SETUP.name, TESTER.name)]
     assert actions == [("root@example.org", "sign_in_failed"), ("root@example.org", "sign_in"),
                        ("root@example.org", "sign_out")]
 
@@ -212,6 +212,6 @@ def test_signing_in_through_an_identity_provider_gives_the_role_an_admin_assigne
         page.get_by_text("ask an admin to add you").wait_for(timeout=TIMEOUT_MS)
         wait_idle(page)
         assert page.get_by_test_id("stSidebarNav").count() == 0
-    entries = [(e["who"], e["action"]) for e in reversed(audit.list_entries(db)) if e["who"] != "setup"]
+    entries = [(e["who"], e["action"]) for e in reversed(audit.list_entries(db)) if e["who"] not in (SETUP.name, TESTER.name)]
     assert entries[:2] == [("rita@example.org", "sign_in"), ("rita@example.org", "sign_out")]
     assert ("stranger@example.org", "sign_in_failed") in entries

@@ -1,3 +1,4 @@
+import threading
 import time
 
 import pytest
@@ -49,6 +50,27 @@ def test_maps_of_a_queue_are_computed_ahead_without_waiting_for_them(workspace, 
         time.sleep(0.1)
     assert all(cached_cam(workspace, run_id, r.image_id, r.class_index) for r in requests)
     assert service.ahead(workspace, run_id, requests) == 0  # nothing left to compute
+
+
+def test_queueing_maps_never_waits_for_the_map_being_computed(workspace, db, run_with_images):
+    run_id, ids = run_with_images
+    service = CamService()
+    holding, release = threading.Event(), threading.Event()
+
+    def compute_a_long_map() -> None:
+        with service.lock:
+            holding.set()
+            release.wait(10)
+
+    busy = threading.Thread(target=compute_a_long_map)
+    busy.start()
+    holding.wait(10)
+    started = time.monotonic()
+    service.ahead(workspace, run_id, [request_for(db, ids[0], 0)])
+    waited = time.monotonic() - started
+    release.set()
+    busy.join()
+    assert waited < 0.5
 
 
 def test_a_full_queue_drops_the_rest_instead_of_blocking(workspace, db, run_with_images):

@@ -14,7 +14,7 @@ from PIL import Image
 from core import catalog
 from core.cli import main
 from core.workspace import connect, open_workspace
-from tests.conftest import ROOT, add_labelled_images, image_bytes
+from tests.conftest import ROOT, TESTER, add_labelled_images, image_bytes
 from tests.exported_run import make_succeeded_run, tiny_model
 from tests.test_images import decode_corpus
 
@@ -207,11 +207,11 @@ def test_both_forms_refuse_an_image_over_the_decode_budget(bundle, tmp_path, cap
     assert main(["predict", str(small_budget), str(big), bundle["images"][0]]) == 1
     ws = open_workspace(bundle["workspace"])
     db = connect(ws)
-    catalog.set_decode_budget_bytes(db, 16 * 2**20)
+    catalog.set_decode_budget_bytes(db, 16 * 2**20, actor=TESTER)
     try:
         assert main(["predict", "--workspace", str(ws.root), str(big), bundle["images"][0]]) == 1
     finally:
-        catalog.set_decode_budget_bytes(db, 256 * 2**20)
+        catalog.set_decode_budget_bytes(db, 256 * 2**20, actor=TESTER)
         db.close()
     refusal = f"{big}: error: decoded size 26 MB exceeds this workspace's 16 MB budget"
     lines = capsys.readouterr().out.splitlines()

@@ -50,3 +50,14 @@ def test_a_resolved_config_is_a_config_with_the_same_settings():
     assert resolved.to_dict() == {**PRESETS["quick"].to_dict(), "image_size": 288, "device": "cpu"}
     with pytest.raises(LoupeError, match="device"):
         ResolvedConfig.from_dict({"device": "tpu"})
+
+
+@pytest.mark.parametrize("image_size, allowed", [(0, True), (31, False), (32, True), (1024, True), (1025, False),
+                                                 (100_000, False), (-1, False)])
+def test_the_input_size_is_chosen_from_the_photos_or_bounded(image_size, allowed):
+    config = TrainConfig(image_size=image_size)
+    if allowed:
+        config.validate()
+    else:
+        with pytest.raises(LoupeError, match="image_size"):
+            config.validate()

@@ -60,7 +60,7 @@ def ws_db(cluster, tmp_path_factory):
 def run_on(ws, db, executor: str, config) -> dict:
     from core.worker import run_worker
 
-    jobs.set_executor(db, executor, ray_address="auto" if executor == "ray" else None)
+    jobs.set_executor(db, executor, ray_address="auto" if executor == "ray" else None, actor=ACTOR)
     run_id = jobs.create_run(ws, db, config, actor=ACTOR)
     run_worker(ws, run_id)
     return jobs.get_run(db, run_id)
@@ -75,7 +75,7 @@ def predictions(db, run_id: int) -> dict[int, list[float]]:
 def start_in_thread(ws, db, config) -> tuple[int, threading.Thread, dict]:
     from core.worker import run_worker
 
-    jobs.set_executor(db, "ray", ray_address="auto")
+    jobs.set_executor(db, "ray", ray_address="auto", actor=ACTOR)
     run_id = jobs.create_run(ws, db, config, actor=ACTOR)
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(status=run_worker(ws, run_id)), daemon=True)
@@ -129,7 +129,7 @@ def test_a_run_on_ray_cancels(ws_db):
     run_id, thread, outcome = start_in_thread(ws, db, SLOW_CONFIG)
     wait_for(lambda: (run := jobs.get_run(db, run_id))["progress"] and run["progress"]["phase"] == "training", 90)
 
-    assert jobs.cancel(db, run_id) == RunStatus.CANCELLING
+    assert jobs.cancel(db, run_id, actor=ACTOR) == RunStatus.CANCELLING
     thread.join(timeout=30)
     assert outcome["status"] == RunStatus.CANCELLED
     assert jobs.get_run(db, run_id)["status"] == RunStatus.CANCELLED
@@ -161,7 +161,7 @@ def test_embedding_the_catalog_on_ray_gives_the_local_vectors(ws_db):
 
     ws, db = ws_db
     db.execute("DELETE FROM embeddings")
-    job_id = jobs.create_job(db, jobs.JobKind.EMBED)
+    job_id = jobs.create_job(db, jobs.JobKind.EMBED, actor=ACTOR)
     cache = EmbeddingCache(db)
 
     class Reporter:

@@ -6,7 +6,7 @@ from PIL import Image
 from core.backbones import DEFAULT_BACKBONE, get_spec
 from core.checkpoints import TrainedModel, build_classifier, load_run_model
 from core.errors import LoupeError
-from core.explain import CAM_METHODS, explain, overlay
+from core.explain import CAM_METHODS, display_overlay, explain, overlay
 from tests.conftest import add_labelled_images
 
 
@@ -60,3 +60,11 @@ def test_overlay_and_errors(trained):
         explain(trained, image, 0, "guess")
     with pytest.raises(LoupeError, match="size"):
         overlay(image, heat[:10], 0.5)
+
+
+def test_a_map_for_display_fits_the_side_and_keeps_the_images_proportions(trained):
+    image = patterned_image(300, 150)
+    shown = display_overlay(image, explain(trained, image, 0), side=120, opacity=0.5)
+    assert shown.size == (120, 60)
+    still = display_overlay(image, explain(trained, image, 0), side=120, opacity=0.0)
+    assert np.abs(np.asarray(shown, dtype=float) - np.asarray(still, dtype=float)).mean() > 5

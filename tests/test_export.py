@@ -198,7 +198,7 @@ def test_the_parity_check_reads_the_stored_files_the_bundle_way(exported, monkey
 
 def test_the_bundle_carries_the_workspace_decode_budget(exported, tmp_path):
     ws, db = exported["ws"], exported["db"]
-    catalog.set_decode_budget_bytes(db, 32 * 2**20)
+    catalog.set_decode_budget_bytes(db, 32 * 2**20, actor=TESTER)
     try:
         report = export.export_run(ws, db, tmp_path / "budget.zip", actor=TESTER)
     finally:

@@ -1,11 +1,21 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.backbones import get_spec
 from core.errors import LoupeError
-from core.fewshot import FewLabelClassifier, choose_method, propagated_labels, uncertain_diverse_batch
+from core.fewshot import (
+    FewLabelClassifier,
+    choose_method,
+    head_training_set,
+    propagated_labels,
+    uncertain_diverse_batch,
+)
 
 
 def rays(seed: int, classes: int = 4, per_class: int = 200, dims: int = 32):
@@ -165,3 +175,74 @@ def test_a_batch_whose_probabilities_and_embeddings_do_not_line_up_is_refused():
 def test_an_empty_batch_is_refused():
     with pytest.raises(LoupeError, match="at least 1"):
         uncertain_diverse_batch(np.full(3, 0.5), np.zeros((3, 3)), 0)
+
+
+def quick_head_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.ndarray, rest: np.ndarray) -> float:
+    """Held-out accuracy of Quick's head (the training code path, on these features as if cached):
+    `labelled` train, a few of `rest` validate, half of the others are unlabelled, half held out."""
+    from core.config import TrainConfig
+    from core.selection import TrainDataset, TrainItem
+    from core.training import _Run
+
+    val, unlabelled, held_out = rest[:8], rest[8::2], rest[9::2]
+    split = {**{i: "train" for i in labelled}, **{i: "val" for i in val}, **{i: "unlabelled" for i in unlabelled},
+             **{i: "test" for i in held_out}}
+    order = sorted(split)
+    items = [TrainItem(i, f"{i:064x}", Path(f"{i}.png"), None if split[i] == "unlabelled" else int(labels[i]), split[i])
+             for i in order]
+    dataset = TrainDataset([f"class{c}" for c in np.unique(labels)], items)
+    config = TrainConfig(epochs=30)
+    run = _Run(config, dataset, Silent(), torch.device("cpu"), get_spec(config.backbone).preprocessing, 224)
+    run.features = features[order].astype(np.float32)
+    torch.manual_seed(0)  # the layer's initial weights
+    model, _ = run.fit_head(None, config.epochs, epoch_offset=0)
+    with torch.inference_mode():
+        scores = model.get_classifier()(torch.from_numpy(features[held_out]).float())
+    return float(np.mean(scores.argmax(dim=1).numpy() == labels[held_out]))
+
+
+class Silent:
+    def progress(self, p) -> None:
+        pass
+
+    def epoch(self, m) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def test_quick_head_with_two_labels_a_class_beats_the_labelled_only_head_by_adding_propagated_labels(monkeypatch):
+    import core.fewshot
+
+    with_pseudo, labelled_only = [], []
+    for seed in range(3):
+        features, labels = rays(seed, per_class=100)
+        # Mapped up to the Lite0 head's input width: the same code path as a real Quick run.
+        features = features @ np.random.default_rng(seed).normal(0.0, 1.0, (features.shape[1], 1280))
+        labelled, rest = two_per_class(labels, seed)
+        rest = np.random.default_rng(seed).permutation(rest)
+        with_pseudo.append(quick_head_accuracy(features, labels, labelled, rest))
+        with monkeypatch.context() as patch:
+            patch.setattr(core.fewshot, "PROPAGATION_MAX_PER_CLASS", 0)
+            labelled_only.append(quick_head_accuracy(features, labels, labelled, rest))
+    assert np.mean(with_pseudo) > 0.9
+    assert np.mean(with_pseudo) > np.mean(labelled_only) + 0.02
+
+
+def test_the_head_training_set_weights_labelled_images_1_and_pseudo_labels_by_sureness():
+    features, labels = blobs(1)
+    labelled, rest = two_per_class(labels, 1)
+    x, y, weights = head_training_set(features[labelled], labels[labelled], features[rest])
+    assert len(x) == len(y) == len(weights) == len(labels)
+    assert (weights[: len(labelled)] == 1).all() and ((weights[len(labelled):] >= 0) & (weights[len(labelled):] <= 1)).all()
+    assert np.mean(y[len(labelled):] == labels[rest]) > 0.95
+
+
+def test_with_many_labels_a_class_or_nothing_unlabelled_the_head_trains_on_the_labelled_images_alone():
+    features, labels = blobs(2, per_class=30)
+    x, y, weights = head_training_set(features[:50], labels[:50], np.zeros((0, features.shape[1])))
+    assert len(x) == len(y) == 50 and (weights == 1).all()
+    many = np.r_[0:25, 30:55]
+    x, y, weights = head_training_set(features[many], labels[many], features[25:30])
+    assert len(x) == 50 and (y == labels[many]).all() and (weights == 1).all()

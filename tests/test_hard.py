@@ -50,6 +50,34 @@ def test_a_flipped_label_ranks_at_the_top():
     assert sorted(order.tolist()) == list(range(len(y)))  # every image, once
 
 
+def test_above_the_sample_size_each_fold_model_learns_from_a_stratified_sample_and_still_finds_flips(monkeypatch):
+    monkeypatch.setattr(hard, "OUT_OF_FOLD_SAMPLE", 60)
+    fitted = []
+    real_fit = hard.LogisticRegression.fit
+
+    def fit(self, x, y):
+        fitted.append(np.bincount(y, minlength=3))
+        return real_fit(self, x, y)
+
+    monkeypatch.setattr(hard.LogisticRegression, "fit", fit)
+    x, y = blobs(per_class=100, classes=3)
+    noisy = y.copy()
+    flipped = [5, 150, 250]
+    noisy[flipped] = (noisy[flipped] + 1) % 3
+    probs = hard.out_of_fold_probs(x, noisy)
+    assert len(fitted) == hard.OUT_OF_FOLD_FOLDS  # one repeat, not OUT_OF_FOLD_REPEATS
+    assert all(counts.sum() == 60 and counts.min() >= 18 for counts in fitted)  # about 20 of each class
+    assert set(hard.label_issue_order(noisy, probs)[0][:3]) == set(flipped)
+
+
+def test_a_class_too_rare_to_stratify_a_fold_sample_falls_back_to_a_plain_sample(monkeypatch):
+    monkeypatch.setattr(hard, "OUT_OF_FOLD_SAMPLE", 40)
+    x, y = blobs(per_class=50, classes=2)
+    x, y = np.vstack([x, x[:2] + 10]), np.concatenate([y, [2, 2]])  # two images of a third class: one per fold
+    probs = hard.out_of_fold_probs(x, y)
+    assert probs.shape == (102, 3) and np.allclose(probs.sum(axis=1), 1)
+
+
 def test_imagenet_probabilities_from_the_backbone_head():
     probs = hard.imagenet_probabilities(np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32))
     assert probs.shape == (3, 1000)
@@ -89,6 +117,22 @@ def test_near_duplicates_flag_leakage_and_conflicting_labels():
     assert {leak.image_id, leak.other_image_id} == {100, 109} and not leak.label_conflict
     conflict = queue[queue.label_conflict].iloc[0]
     assert {conflict.image_id, conflict.other_image_id} == {104, 110} and not conflict.leakage
+
+
+def test_near_duplicate_pairs_across_blocks_match_every_pair_compared_and_keep_only_the_most_alike(monkeypatch):
+    monkeypatch.setattr(hard, "_SIMILARITY_BLOCK", 7)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 8))
+    x[20:] = x[:20] + 0.3 * rng.normal(size=(20, 8))  # 20 pairs across blocks, some less alike than others
+    unit = normalize(x)
+    expected = sorted(
+        ((i, j, float(unit[i] @ unit[j])) for i in range(40) for j in range(i + 1, 40) if unit[i] @ unit[j] >= 0.8),
+        key=lambda pair: -pair[2],
+    )
+    pairs = hard.near_duplicate_pairs(x, threshold=0.8)
+    assert [(i, j) for i, j, _, _ in pairs] == [(i, j) for i, j, _ in expected]
+    assert [similarity for _, _, similarity, _ in pairs] == pytest.approx([similarity for _, _, similarity in expected])
+    assert hard.near_duplicate_pairs(x, threshold=0.8, limit=5) == pairs[:5]
 
 
 def test_labelling_orders():

@@ -76,7 +76,8 @@ HOSTILE_CORPUS = {
     "not_an_image.jpg": (b"<html>this is not a photo</html>" * 10, "rejected", "not an image"),
     "truncated.jpg": (image_bytes((9, 9, 9), size=(64, 64), fmt="JPEG")[:300], "rejected", "truncated"),
     "bomb.png": (bomb_png(20_000), "rejected", "decompression bomb"),
-    "bomb_just_over.png": (bomb_png(10_000), "rejected", ""),
+    # Just past the default decode budget: 16384 x 16384 one-byte pixels are exactly 256 MB.
+    "bomb_just_over.png": (bomb_png(16_385), "rejected", "exceeds"),
     "cmyk.jpg": (cmyk_jpeg(), "added", ""),
     "sixteen_bit.png": (png16(), "added", ""),
     "palette_alpha.png": (palette_png_with_transparency(), "added", ""),
@@ -261,13 +262,15 @@ def test_folder_import_imagefolder_layout(workspace, db, tmp_path):
             "loose.png": image_bytes((14, 0, 0)),
         },
     )
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]),
+                                   actor=TESTER, source="server disk")
     assert ingest.summarise(outcomes) == {"added": 4, "duplicates": 0, "conflicts": 0, "rejected": 0, "skipped": 1}
     assert (".hidden.png", "skipped", "hidden file") in [(o.name, o.status, o.reason) for o in outcomes]
     assert catalog.count_images(db, catalog.ImageFilter(class_name="ants")) == 2
     assert catalog.count_images(db, catalog.ImageFilter(class_name="bees")) == 1
     assert catalog.count_images(db, catalog.ImageFilter(unlabelled=True)) == 1
-    again = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
+    again = ingest.ingest_items(workspace, db, ingest.items_from_path(root, actor=TESTER, roots=[tmp_path]),
+                                actor=TESTER, source="server disk")
     assert ingest.summarise(again) == {"added": 0, "duplicates": 4, "conflicts": 0, "rejected": 0, "skipped": 1}
     with pytest.raises(LoupeError, match="does not exist"):
         ingest.items_from_path(tmp_path / "missing", actor=TESTER, roots=[tmp_path])
@@ -289,7 +292,8 @@ def test_list_file_import(workspace, db, tmp_path):
     write_tree(tmp_path / "imgs", {"one.png": image_bytes((20, 0, 0)), "two words.png": image_bytes((21, 0, 0))})
     listing = tmp_path / "labels.txt"
     listing.write_text("# path label\nimgs/one.png cat\n\nimgs/two words.png dog\nimgs/missing.png dog\n")
-    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(listing, actor=TESTER, roots=[tmp_path]), actor=TESTER, source="upload")
+    outcomes = ingest.ingest_items(workspace, db, ingest.items_from_path(listing, actor=TESTER, roots=[tmp_path]),
+                                   actor=TESTER, source="server disk")
     assert [o.status for o in outcomes] == ["added", "added", "rejected"]
     assert "cannot be read" in outcomes[2].reason
     assert catalog.get_image(db, outcomes[1].image_id)["label"] == "dog"
@@ -577,7 +581,8 @@ def test_a_list_file_cannot_name_files_outside_the_import_roots(workspace, db, t
     listing = allowed / "labels.txt"
     listing.write_text(f"imgs/one.png cat\n../secret.png dog\n{secret} dog\n")
     items = ingest.items_from_path(listing, actor=TESTER, roots=[allowed])
-    assert [(item.verdict, item.read is None) for item in items] == [(None, False), ("rejected", True), ("rejected", True)]
+    assert [(item.verdict, item.read is None) for item in items] == [
+        (None, False), ("rejected", True), ("rejected", True)]
     outcomes = ingest.ingest_items(workspace, db, items, actor=TESTER, source="server disk")
     assert [o.status for o in outcomes] == ["added", "rejected", "rejected"]
     assert catalog.count_images(db) == 1

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from core import catalog, jobs, selection
+from core import audit, catalog, jobs, selection
 from core.auth import ADMIN, Actor
 from core.catalog import now
 from core.config import PRESETS, ResolvedConfig
@@ -89,15 +89,15 @@ def test_only_one_run_trains_at_a_time(labelled_workspace, db):
 
 def test_cancel_a_queued_run_cancels_it_and_a_running_one_asks_it_to_stop(labelled_workspace, db):
     queued = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
-    assert jobs.cancel(db, queued) == RunStatus.CANCELLED
+    assert jobs.cancel(db, queued, actor=ACTOR) == RunStatus.CANCELLED
     assert jobs.get_run(db, queued)["finished_at"]
 
     running = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     jobs.claim_run(db, running, 1001)
-    assert jobs.cancel(db, running) == RunStatus.CANCELLING
+    assert jobs.cancel(db, running, actor=ACTOR) == RunStatus.CANCELLING
     assert jobs.get_run(db, running)["cancel_requested_at"]
     # A finished run stays as it is.
-    assert jobs.cancel(db, queued) == RunStatus.CANCELLED
+    assert jobs.cancel(db, queued, actor=ACTOR) == RunStatus.CANCELLED
 
 
 def test_reap_fails_a_run_whose_worker_is_gone_but_waits_for_a_stale_heartbeat(labelled_workspace, db):
@@ -128,8 +128,8 @@ def test_reap_fails_a_queued_run_whose_worker_died_before_its_first_heartbeat(la
 
 def test_queueing_starts_one_worker_and_a_live_one_is_not_doubled(labelled_workspace, db):
     assert jobs.start_next_queued(labelled_workspace, db) is None  # nothing queued: no worker
-    jobs.create_job(db, jobs.JobKind.BACKUP)
-    jobs.create_job(db, jobs.JobKind.DATASET_EXPORT)
+    jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
+    jobs.create_job(db, jobs.JobKind.DATASET_EXPORT, actor=ACTOR)
 
     pid = jobs.start_next_queued(labelled_workspace, db)
     assert pid and jobs.worker_alive(pid)
@@ -140,7 +140,7 @@ def test_queueing_starts_one_worker_and_a_live_one_is_not_doubled(labelled_works
 def test_a_dead_workers_row_is_forgotten_and_the_next_job_starts_another(labelled_workspace, db):
     gone = dead_pid()
     jobs.register_worker(db, gone, "local")
-    jobs.create_job(db, jobs.JobKind.BACKUP)
+    jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
 
     assert jobs.live_workers(db) == []
     pid = jobs.start_next_queued(labelled_workspace, db)
@@ -149,7 +149,7 @@ def test_a_dead_workers_row_is_forgotten_and_the_next_job_starts_another(labelle
 
 def test_an_idle_worker_retires_only_when_no_job_waits(labelled_workspace, db):
     jobs.register_worker(db, 1001, "local")
-    job_id = jobs.create_job(db, jobs.JobKind.BACKUP)
+    job_id = jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
     assert not jobs.retire_worker(db, 1001, only_when_idle=True)
     assert jobs.claim_next(db, 1001) == job_id
     assert jobs.retire_worker(db, 1001, only_when_idle=True)
@@ -157,9 +157,9 @@ def test_an_idle_worker_retires_only_when_no_job_waits(labelled_workspace, db):
 
 
 def test_jobs_of_every_kind_share_the_queue_in_order_but_only_training_runs_are_runs(labelled_workspace, db):
-    backup = jobs.create_job(db, jobs.JobKind.BACKUP)
+    backup = jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
     run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
-    export = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": run_id, "int8": True})
+    export = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": run_id, "int8": True}, actor=ACTOR)
 
     assert [r["id"] for r in jobs.list_runs(db)] == [run_id]
     assert [r["id"] for r in jobs.active_runs(db)] == [run_id]
@@ -172,22 +172,43 @@ def test_jobs_of_every_kind_share_the_queue_in_order_but_only_training_runs_are_
 
 
 def test_a_job_can_be_cancelled_like_a_run(labelled_workspace, db):
-    job_id = jobs.create_job(db, jobs.JobKind.DATASET_EXPORT)
+    job_id = jobs.create_job(db, jobs.JobKind.DATASET_EXPORT, actor=ACTOR)
     assert jobs.claim_next(db, 1001) == job_id
-    assert jobs.cancel(db, job_id) == RunStatus.CANCELLING
+    assert jobs.cancel(db, job_id, actor=ACTOR) == RunStatus.CANCELLING
     jobs.finish_unsuccessful(db, job_id, RunStatus.CANCELLED)
     assert jobs.get_run(db, job_id)["status"] == RunStatus.CANCELLED
+
+
+def test_cancelling_a_job_that_already_finished_changes_and_records_nothing(labelled_workspace, db):
+    job_id = jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
+    assert jobs.cancel(db, job_id, actor=ACTOR) == RunStatus.CANCELLED
+    finished_at = jobs.get_run(db, job_id)["finished_at"]
+    cancels = [e for e in audit.list_entries(db) if e["details"].get("event") == "cancelled"]
+    assert jobs.cancel(db, job_id, actor=ACTOR) == RunStatus.CANCELLED
+    assert jobs.get_run(db, job_id)["finished_at"] == finished_at
+    assert [e for e in audit.list_entries(db) if e["details"].get("event") == "cancelled"] == cancels
+
+
+def test_a_role_refused_a_kind_of_job_can_neither_queue_nor_cancel_it(labelled_workspace, db):
+    labeller = Actor("lea@example.org", "labeller")
+    with pytest.raises(LoupeError, match="Your role, labeller, cannot back up the workspace"):
+        jobs.create_job(db, jobs.JobKind.BACKUP, actor=labeller)
+    job_id = jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
+    with pytest.raises(LoupeError, match="Your role, labeller, cannot back up the workspace"):
+        jobs.cancel(db, job_id, actor=labeller)
+    assert jobs.get_run(db, job_id)["status"] == RunStatus.QUEUED
+    assert jobs.cancel(db, jobs.create_job(db, jobs.JobKind.EMBED, actor=ACTOR), actor=labeller) == RunStatus.CANCELLED
 
 
 def test_the_executor_is_a_workspace_setting_and_ray_needs_an_address(db):
     assert jobs.executor_settings(db) == ("local", None)
     with pytest.raises(LoupeError, match="--ray-address"):
-        jobs.set_executor(db, "ray")
+        jobs.set_executor(db, "ray", actor=ACTOR)
     with pytest.raises(LoupeError, match="one of local, ray"):
-        jobs.set_executor(db, "spark")
-    jobs.set_executor(db, "ray", ray_address="10.0.0.5:6379")
+        jobs.set_executor(db, "spark", actor=ACTOR)
+    jobs.set_executor(db, "ray", ray_address="10.0.0.5:6379", actor=ACTOR)
     assert jobs.executor_settings(db) == ("ray", "10.0.0.5:6379")
-    jobs.set_executor(db, "local")
+    jobs.set_executor(db, "local", actor=ACTOR)
     assert jobs.executor_settings(db) == ("local", None)
 
 
@@ -198,7 +219,7 @@ def test_reap_stops_a_run_that_ignores_its_cancel(labelled_workspace, db):
         [sys.executable, "-c", "import time; time.sleep(60)", "core.worker"], start_new_session=True
     )
     jobs.claim_run(db, run_id, stubborn.pid)
-    jobs.cancel(db, run_id)
+    jobs.cancel(db, run_id, actor=ACTOR)
 
     assert jobs.reap(labelled_workspace, db) == []
     set_run(db, run_id, cancel_requested_at=LONG_AGO)
@@ -213,13 +234,13 @@ def test_promote_only_a_succeeded_run_and_only_one_is_current(labelled_workspace
     first = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     second = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
     with pytest.raises(LoupeError, match="did not succeed"):
-        jobs.promote(db, first)
+        jobs.promote(db, first, actor=ACTOR)
 
     for run_id in (first, second):
         set_run(db, run_id, status=str(RunStatus.SUCCEEDED))
-    jobs.promote(db, first)
+    jobs.promote(db, first, actor=ACTOR)
     assert jobs.current_run(db)["id"] == first
-    jobs.promote(db, second)
+    jobs.promote(db, second, actor=ACTOR)
     assert jobs.current_run(db)["id"] == second
     assert [r["id"] for r in db.query("SELECT id FROM runs WHERE is_current = 1")] == [second]
 

@@ -4,7 +4,7 @@ import pytest
 from core import catalog, ingest
 from core.auth import Actor
 from core.errors import LoupeError
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from core.metrics import (
     MIN_IMAGES_TO_JUDGE,
@@ -14,6 +14,7 @@ from core.metrics import (
     confusion_cell_images,
     bootstrap_scores,
     headline,
+    interval,
     load_run_predictions,
     run_figures,
     score_estimates,
@@ -109,23 +110,43 @@ def test_run_predictions_come_from_the_catalog_and_keep_the_labels_of_their_run(
     assert split_metrics(load_run_predictions(workspace, db, run), "val").accuracy == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("stored", ["[0.5, oops]", "[0.5]", "[0.5, 0.5, 0.5]"])
+def test_damaged_stored_predictions_are_a_clear_error(workspace, db, make_run, four_val_images, stored):
+    ids = four_val_images
+    run = make_run({i: p for i, p in zip(ids, HAND.probs.tolist())})
+    db.execute("UPDATE predictions SET probs = ? WHERE run_id = ? AND image_id = ?", [stored, run, ids[2]])
+    with pytest.raises(LoupeError, match="damaged: train it again"):
+        load_run_predictions(workspace, db, run)
+
+
 def test_a_run_without_a_model_file_is_a_clear_error(workspace, db):
     with pytest.raises(LoupeError, match="no model file"):
         load_run_predictions(workspace, db, 99)
 
 
-def test_bootstrap_agrees_with_resampling_images_one_resample_at_a_time():
+def test_bootstrap_intervals_agree_with_resampling_images_one_at_a_time():
     rng = np.random.default_rng(3)
-    labels = rng.integers(0, 3, 80)
-    predicted = np.where(rng.random(80) < 0.7, labels, rng.integers(0, 3, 80))
-    replicates = bootstrap_scores(labels, predicted, 3, resamples=200, seed=11)
-    # The same draws, resample by resample, scored by scikit-learn.
-    draws = np.random.default_rng(11).integers(0, 80, size=(200, 80))
-    assert replicates["accuracy"] == pytest.approx([accuracy_score(labels[d], predicted[d]) for d in draws])
-    assert replicates["macro_f1"] == pytest.approx(
-        [f1_score(labels[d], predicted[d], labels=[0, 1, 2], average="macro", zero_division=0) for d in draws]
-    )
-    assert replicates["recall"].shape == (200, 3)
+    labels = rng.integers(0, 3, 120)
+    predicted = np.where(rng.random(120) < 0.7, labels, rng.integers(0, 3, 120))
+    replicates = bootstrap_scores(labels, predicted, 3, resamples=2000, seed=11)
+    # Resampling the images themselves, scored by scikit-learn: the intervals must match within sampling noise.
+    draws = np.random.default_rng(12).integers(0, 120, size=(2000, 120))
+    by_image = {
+        "accuracy": np.array([accuracy_score(labels[d], predicted[d]) for d in draws]),
+        "macro_f1": np.array(
+            [f1_score(labels[d], predicted[d], labels=[0, 1, 2], average="macro", zero_division=0) for d in draws]
+        ),
+        "recall": np.array(
+            [recall_score(labels[d], predicted[d], labels=[0, 1, 2], average=None, zero_division=0) for d in draws]
+        ),
+    }
+    for name, values in by_image.items():
+        assert np.allclose(interval(replicates[name]), interval(values), atol=0.02), name
+        assert np.allclose(replicates[name].mean(axis=0), values.mean(axis=0), atol=0.01), name
+    assert replicates["recall"].shape == (2000, 3)
+    # The resamples vary: a bootstrap that returned the figure itself every time would fail here.
+    low, high = interval(replicates["accuracy"])
+    assert high - low > 0.1
 
 
 def test_intervals_hold_the_figure_narrow_with_more_images_and_mark_too_few():

@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import jobs
-from tests.conftest import APP, add_labelled_images, stop_workers
+from tests.conftest import APP, TESTER, add_labelled_images, stop_workers
 from tests.exported_run import make_succeeded_run, tiny_model
 
 
@@ -90,7 +90,7 @@ def test_a_refused_export_shows_why_and_offers_nothing(trained_workspace, db):
 
 def test_a_running_export_shows_its_progress_and_can_be_cancelled(trained_workspace, db):
     _, current = trained_workspace
-    job_id = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": current, "int8": False})
+    job_id = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": current, "int8": False}, actor=TESTER)
     # Claimed by a worker that is this test: the job stays running while the page is drawn.
     assert jobs.claim_next(db, os.getpid()) == job_id
     jobs.record_progress(db, job_id, {"phase": "Exporting to ONNX", "step": 0, "total": 0})

@@ -89,11 +89,11 @@ def test_train_page_queues_an_embedding_of_every_image_and_names_the_workers_oth
     assert [toast.value for toast in at.toast] == [f"Embedding #{job['id']} queued."]
     assert job["params"]["config"] == PRESETS["quick"].to_dict()
     assert jobs.list_runs(db) == []
-    assert any(f"Embedding #{job['id']}" in caption.value for caption in at.caption)
+    assert any(f"Embedding #{job['id']}" in bar.proto.text for bar in at.get("progress"))
 
 
 def test_a_queued_run_says_it_starts_when_the_worker_is_free(labelled_workspace, db, open_train_page):
-    jobs.create_job(db, jobs.JobKind.BACKUP)
+    jobs.create_job(db, jobs.JobKind.BACKUP, actor=ACTOR)
     assert jobs.claim_next(db, 1001)  # a busy worker that is not a real process: the run stays queued
     run_id = jobs.create_run(labelled_workspace, db, PRESETS["quick"], actor=ACTOR)
 

@@ -46,6 +46,7 @@ STAGE_OF = {
     "core.training": "training",
     "core.calibration": "training",
     "core.fewshot": "training",
+    "core.search": "training",
     # Where a job's training and embedding run: in the worker, or on a Ray cluster.
     "core.executors": "training",
     "core.executor_ray": "training",
@@ -54,6 +55,7 @@ STAGE_OF = {
     "core.compare": "review",
     "core.hard": "review",
     "core.explain": "review",
+    "core.cam_cache": "review",
     "core.uncertainty": "review",
     "core.export": "export",
     "core.bundle_predict": "export",

@@ -1,6 +1,6 @@
 import pytest
 
-from core import catalog, ingest
+from core import audit, catalog, ingest
 from core.auth import Actor
 from core.errors import LoupeError
 from tests.conftest import image_bytes
@@ -41,6 +41,8 @@ def test_rebalancing_fills_val_and_test_from_unpinned_training_images_of_every_c
     assert db.execute("SELECT count(*) FROM label_events").fetchone()[0] == labels_before
     assert [(r["image_id"], r["new_split"], r["who"]) for r in db.query("SELECT * FROM split_changes ORDER BY id")] == [
         (m["image_id"], m["new_split"], "ana") for m in moves]
+    entry = [e for e in audit.list_entries(db) if e["action"] == "split_change"]
+    assert [(e["who"], e["details"]["moves"]) for e in entry] == [("ana", len(moves))]
 
 
 def test_rebalancing_keeps_half_of_each_class_in_train_when_the_counts_do_not_allow_more(db, unbalanced):

@@ -3,7 +3,7 @@ import pytest
 from core import catalog, reviews
 from core.auth import Actor
 from core.errors import LoupeError
-from core.training import dataset_from_catalog
+from core.selection import dataset_from_catalog
 from tests.conftest import add_labelled_images
 
 # Ana labels and reviews; Ben only reviews.

@@ -54,10 +54,12 @@ def trainable(tmp_path_factory):
     for name, (color, vertical) in CLASS_STYLES.items():
         for i in range(6):
             shade = tuple(min(255, c + 6 * i) for c in color)
-            outcome = ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name, "val" if i >= 4 else "train", actor=TESTER)
+            outcome = ingest_bytes(ws, db, striped_png(shade, vertical), f"{name}{i}.png", name,
+                                   "val" if i >= 4 else "train", actor=TESTER)
     for i, (color, vertical) in enumerate(CLASS_STYLES.values()):
         ingest_bytes(ws, db, striped_png(tuple(c // 2 for c in color), vertical), f"new{i}.png", actor=TESTER)
-    excluded = ingest_bytes(ws, db, striped_png((0, 200, 0), True), "excluded.png", "red_vertical", "train", actor=TESTER)
+    excluded = ingest_bytes(ws, db, striped_png((0, 200, 0), True), "excluded.png", "red_vertical", "train",
+                            actor=TESTER)
     db.execute("UPDATE images SET excluded = 1 WHERE id = ?", [excluded.image_id])
     assert outcome.status == "added"
     yield ws, db

@@ -136,7 +136,8 @@ def test_a_read_only_workspace_opens_and_backs_up_without_writing_and_refuses_im
     readonly_db = connect(ws)
     assert catalog.count_images(readonly_db) == 3
     with pytest.raises(LoupeError, match="read-only"):
-        ingest.ingest_items(ws, readonly_db, [ingest.ImportItem("x.png", lambda: image_bytes((1, 1, 1)))], actor=TESTER, source="upload")
+        ingest.ingest_items(ws, readonly_db, [ingest.ImportItem("x.png", lambda: image_bytes((1, 1, 1)))],
+                            actor=TESTER, source="upload")
     readonly_db.close()
     assert backup_workspace(ws, tmp_path / "backup.zip", actor=TESTER)["images"] == 3
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workspace.root.rglob("*") if p.is_file()}

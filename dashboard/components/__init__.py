@@ -60,22 +60,22 @@ def read_outbox(value: object) -> Outbox:
     """The component's reported state, keeping only well-formed events (the browser is not trusted)."""
     if not isinstance(value, dict):
         return Outbox((), None)
-    current = value.get("current") if _is_int(value.get("current")) else None
+    current = value.get("current") if is_int(value.get("current")) else None
     client = value.get("client") if isinstance(value.get("client"), str) and CLIENT_ID.match(value["client"]) else None
     missing = value.get("missing")
-    missing = frozenset(i for i in missing[:MAX_MISSING] if _is_int(i)) if isinstance(missing, list) else frozenset()
+    missing = frozenset(i for i in missing[:MAX_MISSING] if is_int(i)) if isinstance(missing, list) else frozenset()
     raw_events = value.get("events")
     raw_events = raw_events[:MAX_EVENTS] if isinstance(raw_events, list) else []
     events = tuple(e for e in map(_read_event, raw_events) if e is not None)
     similar = value.get("similar")
     if isinstance(similar, dict) and isinstance(similar.get("token"), str) and CLIENT_ID.match(similar["token"]):
-        similar = (similar["token"], similar["image_id"]) if _is_int(similar.get("image_id")) else None
+        similar = (similar["token"], similar["image_id"]) if is_int(similar.get("image_id")) else None
     else:
         similar = None
     return Outbox(events, current, client, missing, similar)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -92,6 +92,6 @@ def _read_event(raw: object) -> LabelEvent | None:
         return None
     if not 0 < len(image_ids) <= MAX_IMAGES_PER_EVENT or len(class_name) > 200:
         return None
-    if not all(map(_is_int, image_ids)):
+    if not all(map(is_int, image_ids)):
         return None
     return LabelEvent(event_id, "label", tuple(image_ids), class_name)

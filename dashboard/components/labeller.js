@@ -449,7 +449,9 @@ export default function (component) {
 
 function createState(parentElement, data) {
   const root = element("div", `loupe-labeller loupe-${data.mode}`);
-  parentElement.replaceChildren(root);
+  // Only our own earlier root goes: Streamlit keeps the component's stylesheet in this element too.
+  for (const old of parentElement.querySelectorAll(":scope > .loupe-labeller")) old.remove();
+  parentElement.append(root);
   const state = { mode: data.mode };
   state.outbox = new Outbox(data.channel, () => {
     root.dataset.pending = String(state.outbox.pending);
@@ -469,6 +471,7 @@ function createState(parentElement, data) {
   state.destroy = () => {
     document.removeEventListener("keydown", onKey);
     clearInterval(resend);
+    root.remove();
   };
   return state;
 }

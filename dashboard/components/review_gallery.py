@@ -2,7 +2,7 @@
 and an expert's decisions by key (reviewer.js, reviewer.css).
 
 It reports its state as `outbox`, like the labeller: the decisions not yet acknowledged (each with
-the image it was made on) and the image open. `read_review_outbox` checks
+the image it was made on), the image open, and the pictures it lacks. `read_review_outbox` checks
 that state before anything trusts it: it comes from the browser.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import CLIENT_ID, EVENT_ID, MAX_EVENTS, _is_int
+from dashboard.components import CLIENT_ID, EVENT_ID, MAX_EVENTS, MAX_MISSING, is_int
 
 _HERE = Path(__file__).parent
 # What a key decides; relabelling keys (1-9) come with the classes.
@@ -49,25 +49,32 @@ class ReviewOutbox:
     events: tuple[ReviewEvent, ...]
     current: int | None
     client: str | None = None
+    # Images whose pictures this mount lacks though they were sent (a rerun that never reached it).
+    missing: frozenset[int] = frozenset()
+    # The report's number: echoed in the reply, so a reply is always new data and reaches the browser.
+    attempt: int = 0
 
 
 def read_review_outbox(value: object) -> ReviewOutbox:
     """The component's reported state, keeping only well-formed events (the browser is not trusted)."""
     if not isinstance(value, dict):
         return ReviewOutbox((), None)
-    current = value.get("current") if _is_int(value.get("current")) else None
+    current = value.get("current") if is_int(value.get("current")) else None
     client = value.get("client") if isinstance(value.get("client"), str) and CLIENT_ID.match(value["client"]) else None
+    missing = value.get("missing")
+    missing = frozenset(i for i in missing[:MAX_MISSING] if is_int(i)) if isinstance(missing, list) else frozenset()
     raw_events = value.get("events")
     raw_events = raw_events[:MAX_EVENTS] if isinstance(raw_events, list) else []
     events = tuple(e for e in map(_read_event, raw_events) if e is not None)
-    return ReviewOutbox(events, current, client)
+    attempt = value.get("attempt") if is_int(value.get("attempt")) else 0
+    return ReviewOutbox(events, current, client, missing, attempt)
 
 
 def _read_event(raw: object) -> ReviewEvent | None:
     if not isinstance(raw, dict):
         return None
     event_id, image_id, decision = raw.get("id"), raw.get("image_id"), raw.get("decision")
-    if not isinstance(event_id, str) or not EVENT_ID.match(event_id) or not _is_int(image_id):
+    if not isinstance(event_id, str) or not EVENT_ID.match(event_id) or not is_int(image_id):
         return None
     if decision not in BROWSER_DECISIONS:
         return None

@@ -9,6 +9,9 @@
 
 const STORE_PREFIX = "loupe-reviewer:";
 const RESEND_AFTER_MS = 1500;
+// While maps are still being computed: how often to look for more, and for how long (5 minutes).
+const LOOK_AGAIN_MS = 2000;
+const MAX_EMPTY_REPLIES = 150;
 
 function randomId() {
   const bytes = new Uint8Array(8);
@@ -62,6 +65,7 @@ class Outbox {
     this.onChange = onChange;
     this.send = null;
     this.current = null;
+    this.missing = [];
     this.inFlight = false;
     this.wanted = false;
     let saved = [];
@@ -107,7 +111,7 @@ class Outbox {
 
   received() {
     this.inFlight = false;
-    if (this.wanted || this.events.length) this.flush();
+    if (this.wanted || this.events.length || this.missing.length) this.flush();
   }
 
   flush() {
@@ -117,7 +121,7 @@ class Outbox {
     this.inFlight = true;
     this.wanted = false;
     this.send("outbox", {
-      events: this.events, current: this.current, client: this.client, attempt: this.attempt,
+      events: this.events, current: this.current, client: this.client, missing: this.missing, attempt: this.attempt,
     });
   }
 }
@@ -128,9 +132,14 @@ class Reviewer {
     this.outbox = outbox;
     this.items = [];
     this.byId = new Map();
+    this.thumbs = new Map();  // image id -> its thumbnail's data URL
     this.large = new Map();  // image id -> {img, cams: [{title, classIndex, img}]}
     this.decided = new Map();  // image id -> what was decided here, until Python's queue says so
     this.current = null;
+    this.tileNodes = new Map();
+    this.gallerySignature = null;
+    this.later = null;
+    this.emptyReplies = 0;
     this.data = { classes: [] };
     this.gallery = element("div", "loupe-review-gallery");
     this.header = element("div", "loupe-review-header");
@@ -185,13 +194,38 @@ class Reviewer {
     for (const id of [...this.decided.keys()]) {
       if ((this.byId.get(id) || {}).reviewed) this.decided.delete(id);
     }
-    for (const shown of data.window || []) this.keepLarge(shown);
+    // Python sends a picture once per mount; one it sent that never arrived is asked for again.
+    const missing = [];
+    for (const item of this.items) {
+      if (item.thumb) this.thumbs.set(item.id, item.thumb);
+      else if (item.sent && !this.thumbs.has(item.id)) missing.push(item.id);
+    }
+    for (const shown of data.window || []) {
+      if (shown.sent && !(this.large.get(shown.id) || {}).img) missing.push(shown.id);
+      else this.keepLarge(shown);
+    }
+    this.outbox.missing = missing;
+    this.askForMore(data);
     this.classBox.replaceChildren(
       ...(data.classes || []).map((c) => button("loupe-review-class", c.key, c.name, () => this.decide("relabel", c.name))),
     );
     this.renderGallery();
     if (this.current !== null && !this.byId.has(this.current)) this.close();
     else this.render();
+  }
+
+  // Python sends the rest of the gallery's large pictures a few at a time, as their maps are ready:
+  // ask again at once while a reply brings some, else look again a little later.
+  askForMore(data) {
+    this.root.dataset.unsent = String(data.unsent || 0);
+    clearTimeout(this.later);
+    if (!data.unsent) return;
+    const brought = (data.window || []).some((shown) => shown.src && shown.id !== this.current);
+    this.emptyReplies = brought ? 0 : this.emptyReplies + 1;
+    if (brought) this.outbox.wanted = true;
+    else if (this.emptyReplies < MAX_EMPTY_REPLIES) {
+      this.later = setTimeout(() => this.outbox.request(this.current), LOOK_AGAIN_MS);
+    }
   }
 
   keepLarge(shown) {
@@ -219,18 +253,35 @@ class Reviewer {
   }
 
   renderGallery() {
+    // Rebuilt only when the queue changed: new tiles would decode every thumbnail again.
+    const signature = JSON.stringify(this.items.map(
+      (i) => [i.id, i.name, i.label, i.predicted, i.confidence, i.note, this.thumbs.has(i.id)],
+    ));
+    if (signature === this.gallerySignature) {
+      this.renderProgress();
+      return;
+    }
+    this.gallerySignature = signature;
+    this.tileNodes = new Map(this.items.map((item) => [item.id, this.tile(item)]));
+    this.tiles.replaceChildren(...this.tileNodes.values());
+    this.renderProgress();
+  }
+
+  renderProgress() {
     const more = this.data.more ? ` (${this.data.more} more not shown)` : "";
     this.header.textContent = `${this.remaining()} left to review in this queue${more}`;
-    this.tiles.replaceChildren(...this.items.map((item) => this.tile(item)));
+    for (const [id, node] of this.tileNodes) {
+      const item = this.byId.get(id);
+      node.classList.toggle("loupe-review-done", Boolean(item.reviewed || this.decided.has(id)));
+    }
   }
 
   tile(item) {
     const node = element("figure", "loupe-review-tile");
     node.dataset.imageId = String(item.id);
-    if (item.reviewed || this.decided.has(item.id)) node.classList.add("loupe-review-done");
-    if (item.thumb) {
+    if (this.thumbs.has(item.id)) {
       const img = element("img");
-      img.src = item.thumb;
+      img.src = this.thumbs.get(item.id);
       img.alt = item.name || "";
       img.draggable = false;
       node.append(img);
@@ -242,8 +293,6 @@ class Reviewer {
       element("div", "", `predicted: ${item.predicted || "—"}${item.confidence ? ` (${item.confidence})` : ""}`),
     );
     if (item.note) caption.append(element("div", "loupe-review-note", item.note));
-    const decided = this.decided.get(item.id);
-    if (decided) caption.append(element("div", "loupe-review-decided", decided));
     node.append(caption);
     node.addEventListener("click", () => this.open(item.id));
     return node;
@@ -253,7 +302,14 @@ class Reviewer {
     this.current = id;
     this.root.dataset.view = "open";
     this.render();
-    this.outbox.request(id);
+    const here = (this.large.get(id) || {}).img;
+    // Pictures not here yet are worth interrupting a rerun under way for: every report carries all
+    // pending events, so the interrupted one loses nothing.
+    if (here) this.outbox.request(id);
+    else {
+      this.outbox.current = id;
+      this.outbox.flush();
+    }
   }
 
   close() {
@@ -267,14 +323,16 @@ class Reviewer {
     this.root.dataset.open = this.current === null ? "" : String(this.current);
     this.gallery.hidden = this.current !== null;
     this.opened.hidden = this.current === null;
-    this.renderGallery();
+    this.renderProgress();
     if (this.current === null) return;
     const item = this.byId.get(this.current);
     const large = this.large.get(this.current);
     const panels = [];
     const main = element("figure", "loupe-review-panel");
     if (large && large.img) main.append(large.img);
-    else if (item && item.thumb) main.append(picture(item.thumb, "loupe-review-shown loupe-review-waiting", item.name || "", item.id));
+    else if (this.thumbs.has(this.current)) {
+      main.append(picture(this.thumbs.get(this.current), "loupe-review-shown loupe-review-waiting", item ? item.name : "", this.current));
+    }
     main.append(element("figcaption", "", "Image"));
     panels.push(main);
     for (const cam of (large && large.cams) || []) {
@@ -354,6 +412,9 @@ export default function (component) {
     if (state) state.destroy();
     state = createState(parentElement, data);
     parentElement.__loupeReviewer = state;
+    // A new mount tells Python its client id at once (pictures sent to an earlier mount are not
+    // here), once mounted: a report sent while Streamlit is still mounting it is lost.
+    setTimeout(() => state.outbox.flush(), 0);
   }
   state.outbox.send = setStateValue;
   state.outbox.acknowledge(data.acked);
@@ -369,7 +430,9 @@ export default function (component) {
 function createState(parentElement, data) {
   const root = element("div", "loupe-reviewer");
   root.dataset.view = "gallery";
-  parentElement.replaceChildren(root);
+  // Streamlit keeps the component's stylesheet beside it in the same element: only the old view goes.
+  for (const old of parentElement.querySelectorAll(":scope > .loupe-reviewer")) old.remove();
+  parentElement.append(root);
   const state = { token: data.queue_token };
   state.outbox = new Outbox(data.channel, () => {
     root.dataset.pending = String(state.outbox.events.length);
@@ -383,13 +446,15 @@ function createState(parentElement, data) {
     if (state.view.onKey(event)) event.preventDefault();
   };
   const resend = setInterval(() => {
-    const waiting = state.outbox.events.length || state.outbox.wanted;
+    // A report whose reply never came (its rerun was interrupted) is sent again too.
+    const waiting = state.outbox.events.length || state.outbox.wanted || state.outbox.inFlight;
     if (waiting && Date.now() - state.outbox.lastSentAt > RESEND_AFTER_MS) state.outbox.flush();
   }, 500);
   document.addEventListener("keydown", onKey);
   state.destroy = () => {
     document.removeEventListener("keydown", onKey);
     clearInterval(resend);
+    clearTimeout(state.view.later);
   };
   return state;
 }
