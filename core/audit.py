@@ -26,6 +26,7 @@ AUDIT_ACTIONS = (
     "review",
     "class_change",
     "split_change",
+    "settings",
     "run",
     "export",
     "backup",
@@ -117,6 +118,11 @@ def record_export(db: Database, actor: Actor, *, kind: str, run_id: int | None =
 def record_split_change(db: Database, actor: Actor, *, moves: int) -> int:
     """A rebalance of unpinned images' splits; each move is kept in the catalog's `split_changes`."""
     return _record_as(db, actor, "split_change", {"moves": moves})
+
+
+def record_setting(db: Database, actor: Actor, *, key: str, value: object) -> int:
+    """A workspace setting changed to `value` (the decode budget, split fractions, the executor)."""
+    return _record_as(db, actor, "settings", {"key": key, "value": value})
 
 
 def record_backup(db: Database, actor: Actor, *, event: str = "backup") -> int:

@@ -64,7 +64,10 @@ def decode_budget_bytes(db: Database) -> int:
 
 def set_decode_budget_bytes(db: Database, budget_bytes: int, *, actor: Actor) -> None:
     authorize(actor, "settings")
-    set_setting(db, "decode_budget_bytes", images.check_decode_budget(budget_bytes))
+    budget_bytes = images.check_decode_budget(budget_bytes)
+    with write_transaction(db):
+        set_setting(db, "decode_budget_bytes", budget_bytes)
+        audit.record_setting(db, actor, key="decode_budget_bytes", value=budget_bytes)
 
 
 def split_fractions(db: Database) -> dict[str, float]:
@@ -78,7 +81,10 @@ def set_split_fractions(db: Database, fractions: dict[str, float], *, actor: Act
     total = sum(fractions.values())
     if total <= 0:
         raise LoupeError("Split fractions must add up to more than zero.")
-    set_setting(db, "split_fractions", {k: fractions[k] / total for k in SPLITS})
+    normalised = {k: fractions[k] / total for k in SPLITS}
+    with write_transaction(db):
+        set_setting(db, "split_fractions", normalised)
+        audit.record_setting(db, actor, key="split_fractions", value=normalised)
 
 
 # ---------------------------------------------------------------- images

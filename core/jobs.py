@@ -287,9 +287,11 @@ def set_executor(db: Database, name: str, *, ray_address: str | None = None, act
         raise LoupeError(f"The executor must be one of {', '.join(EXECUTORS)}, not {name!r}.")
     if name == "ray" and not (ray_address or "").strip():
         raise LoupeError("The ray executor needs the cluster's address: give --ray-address HOST:PORT (or auto).")
+    address = (ray_address or "").strip() or None
     with write_transaction(db):
         catalog.set_setting(db, EXECUTOR_SETTING, name)
-        catalog.set_setting(db, RAY_ADDRESS_SETTING, (ray_address or "").strip() or None)
+        catalog.set_setting(db, RAY_ADDRESS_SETTING, address)
+        audit.record_setting(db, actor, key=EXECUTOR_SETTING, value={"executor": name, "ray_address": address})
 
 
 # ---------------------------------------------------------------- the worker process

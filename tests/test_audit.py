@@ -39,6 +39,22 @@ def test_each_kind_of_change_is_recorded_with_who_their_role_and_details(db):
     assert all(e["at"] for e in entries)
 
 
+def test_changing_a_workspace_setting_is_recorded_with_its_new_value(db):
+    from core import catalog, jobs
+
+    admin = Actor("ana", "admin")
+    catalog.set_decode_budget_bytes(db, 64 * 2**20, actor=admin)
+    catalog.set_split_fractions(db, {"train": 8, "val": 1, "test": 1}, actor=admin)
+    jobs.set_executor(db, "ray", ray_address="127.0.0.1:6379", actor=admin)
+    settings = [(e["who"], e["details"]["key"], e["details"]["value"])
+                for e in reversed(audit.list_entries(db)) if e["action"] == "settings"]
+    assert settings == [
+        ("ana", "decode_budget_bytes", 64 * 2**20),
+        ("ana", "split_fractions", {"train": 0.8, "val": 0.1, "test": 0.1}),
+        ("ana", "executor", {"executor": "ray", "ray_address": "127.0.0.1:6379"}),
+    ]
+
+
 def test_the_log_can_only_grow_through_its_functions():
     public = {name for name in dir(audit) if not name.startswith("_")}
     assert not {name for name in public if any(w in name for w in ("update", "delete", "remove", "clear", "edit"))}

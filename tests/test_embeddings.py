@@ -84,3 +84,15 @@ def test_onnx_path_gives_the_eager_features():
     # Below the threshold the model runs eagerly, with the same result.
     eager = feature_extractor(model, 224, 1, torch.device("cpu"))(batch)
     np.testing.assert_allclose(eager, fast, atol=1e-4)
+
+
+def test_the_cache_returns_each_stored_vector_once_by_hash_beyond_sqlites_parameter_limit(db):
+    cache = EmbeddingCache(db)
+    stored = {f"{n:064x}": np.full(4, n, dtype=np.float32) for n in range(33_000)}  # SQLite allows 32,766 bound parameters
+    cache.put_many("key", stored)
+    cache.put_many("other key", {"0" * 64: np.zeros(8, dtype=np.float32)})
+    wanted = [*stored, *list(stored)[:10], "f" * 64]  # repeats and one never stored
+    found = cache.get_many("key", wanted)
+    assert found.keys() == stored.keys()
+    assert all(np.array_equal(found[sha], vector) for sha, vector in stored.items())
+    assert cache.get_many("key", []) == {}

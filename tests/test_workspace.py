@@ -94,6 +94,17 @@ def test_the_sweep_spares_young_files_while_another_import_holds_the_lock(worksp
     assert not young.exists()
 
 
+def test_a_background_process_opens_the_workspace_without_sweeping_and_the_next_page_visit_sweeps(workspace):
+    orphans = [workspace.images_dir / "ab" / f"{'ab' * 32}.png", workspace.thumbs_dir / "ab" / "deeper" / ".tmp-x"]
+    for path in orphans:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"no catalog row points here")
+    open_workspace(workspace.root, sweep=False)
+    assert all(path.exists() for path in orphans)
+    open_workspace(workspace.root)
+    assert not any(path.exists() for path in orphans)
+
+
 def test_the_sweep_keeps_a_running_runs_fresh_checkpoint_and_every_catalogued_file(workspace, db):
     add_labelled_images(workspace, db, {"red": {"train": 2}})
     run_id = db.execute(

@@ -24,9 +24,16 @@ CLIENT_ID = re.compile(r"^[0-9a-f]{16}$")
 EVENT_ID = re.compile(r"^[0-9a-f]{16}-[0-9]{1,9}$")
 MAX_MISSING = 1000
 
+
+
+def script(name: str) -> str:
+    """A component's JavaScript: the shared outbox and helpers (outbox.js), then its own file."""
+    return "\n".join((_HERE / file).read_text(encoding="utf-8") for file in ("outbox.js", name))
+
+
 labeller = st.components.v2.component(
     "loupe_labeller",
-    js=(_HERE / "labeller.js").read_text(encoding="utf-8"),
+    js=script("labeller.js"),
     css=(_HERE / "labeller.css").read_text(encoding="utf-8"),
     isolate_styles=False,
 )

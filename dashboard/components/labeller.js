@@ -6,113 +6,12 @@
 // Python acknowledges it, so a rerun, a reconnect or a reload neither loses nor doubles one.
 
 const STORE_PREFIX = "loupe-labeller:";
-const RESEND_AFTER_MS = 1500;
 const MAX_KEPT_ITEMS = 400;
 
-function randomId() {
-  const bytes = new Uint8Array(8);
-  crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function typingInto(target) {
-  if (!target || !(target instanceof Element)) return false;
-  if (target.isContentEditable) return true;
-  return ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName);
-}
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-// Events not yet acknowledged by Python, in the order they happened.
-class Outbox {
-  constructor(channel, onChange) {
-    this.storeKey = STORE_PREFIX + channel;
-    this.client = randomId();
-    this.sequence = 0;
-    this.attempt = 0;
-    this.lastSentAt = 0;
-    this.onChange = onChange;
-    this.send = null;
-    this.current = null;
-    this.missing = [];
-    this.similar = null;
-    this.inFlight = false;
-    this.wanted = false;
-    let saved = [];
-    try {
-      saved = JSON.parse(sessionStorage.getItem(this.storeKey) || "[]");
-    } catch (error) {
-      saved = [];
-    }
-    this.events = Array.isArray(saved) ? saved : [];
-  }
-
-  add(event) {
-    this.sequence += 1;
-    const full = { ...event, id: `${this.client}-${this.sequence}`, at: Date.now() };
-    this.events.push(full);
-    this.save();
-    return full;
-  }
-
-  acknowledge(ids) {
-    if (!ids || !ids.length || !this.events.length) return;
-    const done = new Set(ids);
-    const left = this.events.filter((event) => !done.has(event.id));
-    if (left.length !== this.events.length) {
-      this.events = left;
-      this.save();
-    }
-  }
-
-  save() {
-    try {
-      sessionStorage.setItem(this.storeKey, JSON.stringify(this.events));
-    } catch (error) {
-      // Storage full or denied: the events are still held in memory and resent from there.
-    }
-    this.onChange();
-  }
-
-  // One report in flight at a time: each report reruns the page, and a new one would interrupt
-  // the rerun under way, so at 15 keys a second no rerun would finish. Events wait and go together.
-  request(current) {
-    this.current = current;
-    if (this.inFlight && Date.now() - this.lastSentAt < RESEND_AFTER_MS) this.wanted = true;
-    else this.flush();
-  }
-
-  received() {
-    this.inFlight = false;
-    if (this.wanted || this.events.length || this.missing.length) this.flush();
-  }
-
-  flush() {
-    if (!this.send) return;
-    this.attempt += 1;
-    this.lastSentAt = Date.now();
-    this.inFlight = true;
-    this.wanted = false;
-    this.send("outbox", {
-      events: this.events, current: this.current, client: this.client, missing: this.missing,
-      similar: this.similar, attempt: this.attempt,
-    });
-  }
-
-  // "Find similar" travels with the events, so a rerun under way cannot lose it; its token makes it happen once.
-  findSimilar(imageId) {
-    this.similar = { token: randomId(), image_id: imageId };
-    this.request(this.current);
-  }
-
-  get pending() {
-    return this.events.length;
-  }
+// "Find similar" travels with the events, so a rerun under way cannot lose it; its token makes it happen once.
+function findSimilar(outbox, imageId) {
+  outbox.extra.similar = { token: randomId(), image_id: imageId };
+  outbox.request(outbox.current);
 }
 
 function classKeyOf(classes, key) {
@@ -168,7 +67,7 @@ class FocusView {
     similar.type = "button";
     similar.addEventListener("click", () => {
       similar.blur();
-      if (this.current !== null) this.outbox.findSimilar(this.current);
+      if (this.current !== null) findSimilar(this.outbox, this.current);
     });
     this.side.append(this.title, this.meta, this.counter, this.suggest, this.classBox, similar, help);
     root.append(this.stage, this.side);
@@ -306,7 +205,7 @@ class FocusView {
     else if (key === "u" || key === "U") {
       this.outbox.add({ kind: "undo" });
       this.outbox.request(this.current);
-    } else if ((key === "f" || key === "F") && this.current !== null) this.outbox.findSimilar(this.current);
+    } else if ((key === "f" || key === "F") && this.current !== null) findSimilar(this.outbox, this.current);
     else {
       const name = classKeyOf(this.data.classes || [], key);
       if (!name) return false;
@@ -403,7 +302,7 @@ class GridView {
   }
 
   findSimilar() {
-    if (this.selected.size === 1) this.outbox.findSimilar([...this.selected][0]);
+    if (this.selected.size === 1) findSimilar(this.outbox, [...this.selected][0]);
   }
 
   onKey(event) {
@@ -453,7 +352,7 @@ function createState(parentElement, data) {
   for (const old of parentElement.querySelectorAll(":scope > .loupe-labeller")) old.remove();
   parentElement.append(root);
   const state = { mode: data.mode };
-  state.outbox = new Outbox(data.channel, () => {
+  state.outbox = new Outbox(STORE_PREFIX + data.channel, () => {
     root.dataset.pending = String(state.outbox.pending);
   });
   root.dataset.pending = String(state.outbox.pending);

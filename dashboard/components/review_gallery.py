@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import CLIENT_ID, EVENT_ID, MAX_EVENTS, MAX_MISSING, is_int
+from dashboard.components import CLIENT_ID, EVENT_ID, MAX_EVENTS, MAX_MISSING, is_int, script
 
 _HERE = Path(__file__).parent
 # What a key decides; relabelling keys (1-9) come with the classes.
@@ -24,7 +24,7 @@ MAX_COMMENT = 2000
 
 reviewer = st.components.v2.component(
     "loupe_reviewer",
-    js=(_HERE / "reviewer.js").read_text(encoding="utf-8"),
+    js=script("reviewer.js"),
     css=(_HERE / "reviewer.css").read_text(encoding="utf-8"),
     isolate_styles=False,
 )

@@ -8,29 +8,9 @@
 // Every name from Python is set as text, never as markup.
 
 const STORE_PREFIX = "loupe-reviewer:";
-const RESEND_AFTER_MS = 1500;
 // While maps are still being computed: how often to look for more, and for how long (5 minutes).
 const LOOK_AGAIN_MS = 2000;
 const MAX_EMPTY_REPLIES = 150;
-
-function randomId() {
-  const bytes = new Uint8Array(8);
-  crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function typingInto(target) {
-  if (!target || !(target instanceof Element)) return false;
-  if (target.isContentEditable) return true;
-  return ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName);
-}
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function button(className, key, text, onClick) {
   const node = element("button", className);
@@ -52,78 +32,6 @@ function picture(src, className, alt, imageId) {
   img.dataset.imageId = String(imageId);
   img.src = src;
   return img;
-}
-
-// Decisions not yet acknowledged by Python, in the order they were made.
-class Outbox {
-  constructor(channel, onChange) {
-    this.storeKey = STORE_PREFIX + channel;
-    this.client = randomId();
-    this.sequence = 0;
-    this.attempt = 0;
-    this.lastSentAt = 0;
-    this.onChange = onChange;
-    this.send = null;
-    this.current = null;
-    this.missing = [];
-    this.inFlight = false;
-    this.wanted = false;
-    let saved = [];
-    try {
-      saved = JSON.parse(sessionStorage.getItem(this.storeKey) || "[]");
-    } catch (error) {
-      saved = [];
-    }
-    this.events = Array.isArray(saved) ? saved : [];
-  }
-
-  add(event) {
-    this.sequence += 1;
-    this.events.push({ ...event, id: `${this.client}-${this.sequence}` });
-    this.save();
-  }
-
-  acknowledge(ids) {
-    if (!ids || !ids.length || !this.events.length) return;
-    const done = new Set(ids);
-    const left = this.events.filter((event) => !done.has(event.id));
-    if (left.length !== this.events.length) {
-      this.events = left;
-      this.save();
-    }
-  }
-
-  save() {
-    try {
-      sessionStorage.setItem(this.storeKey, JSON.stringify(this.events));
-    } catch (error) {
-      // Storage full or denied: the events are still held in memory and resent from there.
-    }
-    this.onChange();
-  }
-
-  // One report in flight at a time: each report reruns the gallery, and a new one would interrupt it.
-  request(current) {
-    this.current = current;
-    if (this.inFlight && Date.now() - this.lastSentAt < RESEND_AFTER_MS) this.wanted = true;
-    else this.flush();
-  }
-
-  received() {
-    this.inFlight = false;
-    if (this.wanted || this.events.length || this.missing.length) this.flush();
-  }
-
-  flush() {
-    if (!this.send) return;
-    this.attempt += 1;
-    this.lastSentAt = Date.now();
-    this.inFlight = true;
-    this.wanted = false;
-    this.send("outbox", {
-      events: this.events, current: this.current, client: this.client, missing: this.missing, attempt: this.attempt,
-    });
-  }
 }
 
 class Reviewer {
@@ -434,7 +342,7 @@ function createState(parentElement, data) {
   for (const old of parentElement.querySelectorAll(":scope > .loupe-reviewer")) old.remove();
   parentElement.append(root);
   const state = { token: data.queue_token };
-  state.outbox = new Outbox(data.channel, () => {
+  state.outbox = new Outbox(STORE_PREFIX + data.channel, () => {
     root.dataset.pending = String(state.outbox.events.length);
   });
   root.dataset.pending = String(state.outbox.events.length);
