@@ -53,7 +53,9 @@ from core.calibration import (  # noqa: E402
 )
 from core.embeddings import EmbeddingCache, embed_images  # noqa: E402
 from core.fewshot import FEW_LABEL_METHODS, FewLabelClassifier, uncertain_diverse_batch  # noqa: E402
-from core.training import PRESETS, TrainConfig, TrainDataset, dataset_from_catalog, train  # noqa: E402
+from core.config import PRESETS, TrainConfig  # noqa: E402
+from core.selection import TrainDataset, dataset_from_catalog  # noqa: E402
+from core.training import train  # noqa: E402
 from core.uncertainty import uncertainty  # noqa: E402
 from core.workspace import Workspace, connect, open_workspace  # noqa: E402
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from core import bundle_predict, ingest, jobs  # noqa: E402
 from core.auth import ADMIN, Actor  # noqa: E402
 from core.checkpoints import load_run_model  # noqa: E402
-from core.export import export_run, run_snapshot  # noqa: E402
-from core.training import PRESETS  # noqa: E402
+from core.export import export_run  # noqa: E402
+from core.selection import run_snapshot  # noqa: E402
+from core.config import PRESETS  # noqa: E402
 from core.workspace import connect, open_workspace  # noqa: E402
 
 BATCH_SIZE = 32

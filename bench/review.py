@@ -54,7 +54,9 @@ from core.checkpoints import load_run_model
 from core.embeddings import EmbeddingCache, embed_images
 from core.explain import explain, prepare_for_cam
 from core.images import open_image_rgb
-from core.training import PRESETS, choose_image_size, dataset_from_catalog
+from core.config import PRESETS
+from core.selection import dataset_from_catalog
+from core.training import choose_image_size
 from core.worker import run_worker
 from core.workspace import Workspace, connect, open_workspace
 

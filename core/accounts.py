@@ -21,7 +21,8 @@ from sqlite_utils import Database
 
 from core import audit
 from core.auth import ADMIN, Actor, authorize, check_role
-from core.catalog import get_setting, now, set_setting, write_transaction
+from core.catalog import now, set_setting, write_transaction
+from core.workspace import get_setting
 from core.errors import LoupeError
 
 Clock = Callable[[], float]

@@ -27,6 +27,7 @@ from sqlite_utils import Database
 from core import audit, images, selection
 from core.auth import Actor, authorize, can
 from core.errors import LoupeError
+from core.workspace import get_setting
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -40,26 +41,12 @@ def now() -> str:
 # ---------------------------------------------------------------- settings
 
 
-def get_setting(db: Database, key: str, default: Any = None) -> Any:
-    row = next(db.query("SELECT value FROM settings WHERE key = ?", [key]), None)
-    return json.loads(row["value"]) if row else default
-
-
 def set_setting(db: Database, key: str, value: Any) -> None:
     db.execute(
         "INSERT INTO settings (key, value) VALUES (?, ?) "
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         [key, json.dumps(value)],
     )
-
-
-def decode_budget_bytes(db: Database) -> int:
-    """How much memory decoding one image may take in this workspace (see `images.decode_cost`):
-    import and every later decode refuse an image above it."""
-    try:
-        return images.check_decode_budget(get_setting(db, "decode_budget_bytes", images.DEFAULT_DECODE_BUDGET_BYTES))
-    except LoupeError as exc:
-        raise LoupeError(f"This workspace's decode budget setting is invalid: set it again. {exc}") from None
 
 
 def set_decode_budget_bytes(db: Database, budget_bytes: int, *, actor: Actor) -> None:

@@ -271,6 +271,17 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> int:
+    from core import catalog
+    from core.workspace import connect, decode_budget_bytes, open_workspace
+
+    db = connect(open_workspace(args.workspace))
+    if args.decode_budget_mb is not None:
+        catalog.set_decode_budget_bytes(db, args.decode_budget_mb * 2**20, actor=cli_actor())
+    print(f"decode_budget_mb: {decode_budget_bytes(db) // 2**20}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loupe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -352,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = command("restore", _restore, "restore a backup into an empty folder given by --workspace")
     restore.add_argument("backup", help="a .zip written by `loupe backup`")
+
+    settings = command("settings", _settings, "show or change the workspace's settings")
+    settings.add_argument(
+        "--decode-budget-mb", type=int,
+        help="the most memory one image may take once decoded (default 256): larger ones are refused",
+    )
 
     return parser
 

@@ -20,7 +20,8 @@ from sqlite_utils import Database
 from torch import nn
 
 from core.backbones import Preprocessing, configure_threads, create_backbone, get_spec
-from core.images import open_image_rgb
+from core.images import DEFAULT_DECODE_BUDGET_BYTES, open_image_rgb
+from core.workspace import decode_budget_bytes
 
 EMBED_BATCH_SIZE = 32
 # Decoding (Pillow releases the GIL) runs in threads alongside the forward pass: one a core.
@@ -76,12 +77,17 @@ class EmbeddingCache:
 
 
 def decoded_batches(
-    paths: Sequence[Path], transform: Callable, batch_size: int = EMBED_BATCH_SIZE
+    paths: Sequence[Path],
+    transform: Callable,
+    batch_size: int = EMBED_BATCH_SIZE,
+    *,
+    budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES,
 ) -> Iterator[torch.Tensor]:
-    """Batches of transformed images, decoded in a thread pool one batch ahead of the consumer."""
+    """Batches of transformed images, decoded (within `budget_bytes` each) in a thread pool one
+    batch ahead of the consumer."""
 
     def load(path: Path) -> torch.Tensor:
-        return transform(open_image_rgb(path))
+        return transform(open_image_rgb(path, budget_bytes=budget_bytes))
 
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         starts = range(0, len(paths), batch_size)
@@ -180,7 +186,9 @@ def _compute(
     sha256s, paths = list(missing), list(missing.values())
     computed: dict[str, np.ndarray] = {}
     done = 0
-    for batch in decoded_batches(paths, pre.eval_transform()):
+    # The workspace's decode budget where there is a workspace (its cache), as on import.
+    budget = decode_budget_bytes(cache.db) if cache else DEFAULT_DECODE_BUDGET_BYTES
+    for batch in decoded_batches(paths, pre.eval_transform(), budget_bytes=budget):
         features = run(batch).astype(np.float32, copy=False)
         fresh = dict(zip(sha256s[done : done + len(features)], features))
         if cache:

@@ -39,6 +39,7 @@ from core.errors import LoupeError
 from core.executors import missing_items
 from core.images import decode_image, read_image_file
 from core.selection import TrainDataset, TrainItem
+from core.workspace import decode_budget_bytes
 from core.training import (
     EpochMetrics,
     Progress,
@@ -150,7 +151,8 @@ def _train_task(
 class Embedder:
     """One backbone kept loaded on a cluster worker, embedding shards of image bytes."""
 
-    def __init__(self, backbone: str, preprocessing: dict, cuda: bool):
+    def __init__(self, backbone: str, preprocessing: dict, cuda: bool, budget_bytes: int):
+        self._budget_bytes = budget_bytes
         pre = Preprocessing(**{**preprocessing, "mean": tuple(preprocessing["mean"]), "std": tuple(preprocessing["std"])})
         self._transform = pre.eval_transform()
         # The fastest path for every shard: built once, for as many images as make it pay.
@@ -162,7 +164,7 @@ class Embedder:
 
     def embed(self, images: list[bytes]) -> np.ndarray:
         def load(data: bytes) -> torch.Tensor:
-            return self._transform(decode_image(data).rgb)
+            return self._transform(decode_image(data, budget_bytes=self._budget_bytes).rgb)
 
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             tensors = list(pool.map(load, images))
@@ -247,7 +249,9 @@ class RayExecutor:
         workers = self._workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
         cuda = config.device == "cuda"
         actors = [
-            Embedder.options(num_gpus=1 if cuda else 0).remote(config.backbone, preprocessing.to_dict(), cuda)
+            Embedder.options(num_gpus=1 if cuda else 0).remote(
+                config.backbone, preprocessing.to_dict(), cuda, decode_budget_bytes(cache.db)
+            )
             for _ in range(min(workers, len(shards)))
         ]
         pending: dict = {}

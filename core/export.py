@@ -29,12 +29,13 @@ from PIL import Image
 from sqlite_utils import Database
 from torch import nn
 
-from core import audit, bundle_predict, catalog, images, jobs, metrics, model_card
+from core import audit, bundle_predict, images, jobs, metrics, model_card
 from core.auth import Actor, authorize
 from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
-from core.workspace import Workspace, atomic_file
+from core.selection import run_snapshot
+from core.workspace import Workspace, atomic_file, decode_budget_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -108,18 +109,6 @@ class ExportReport:
 
 
 # ---------------------------------------------------------------- the run being exported
-
-
-def run_snapshot(db: Database, run_id: int) -> list[dict]:
-    """The images, labels and splits the run trained on (`run_items`), in image order."""
-    return list(
-        db.query(
-            "SELECT run_items.image_id, run_items.split, images.sha256, images.path, classes.name AS label "
-            "FROM run_items JOIN images ON images.id = run_items.image_id "
-            "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY run_items.image_id",
-            [run_id],
-        )
-    )
 
 
 def snapshot_sha256(snapshot: list[dict]) -> str:
@@ -384,7 +373,7 @@ def predict_with_run(
     on image files, decoded as on import; the same outcomes a bundle of the run gives."""
     run = exportable_run(db, run_id)
     trained = load_run_model(ws, run["id"])
-    config = {"decode_budget_bytes": catalog.decode_budget_bytes(db)}
+    config = {"decode_budget_bytes": decode_budget_bytes(db)}
     predictions = bundle_predict.predict_paths(
         paths,
         lambda path: bundle_predict.load_image(path, config),
@@ -425,7 +414,7 @@ def export_run(
     val_paths = [ws.root / r["path"] for r in val_rows]
     val_labels = np.array([index[r["label"]] for r in val_rows])
     metadata = onnx_metadata(trained, run_id, dataset_hash)
-    config = preprocess_config(trained.preprocessing, decode_budget_bytes=catalog.decode_budget_bytes(db))
+    config = preprocess_config(trained.preprocessing, decode_budget_bytes=decode_budget_bytes(db))
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / bundle_predict.MODEL_FILE

@@ -36,6 +36,7 @@ from core.images import ALLOWED_FORMATS, MAX_FILE_BYTES, decode_image, thumbnail
 from core.workspace import (
     TEMP_PREFIX,
     Workspace,
+    decode_budget_bytes,
     import_lock,
     read_only_message,
     sync_to_disk,
@@ -234,7 +235,7 @@ def ingest_bytes(
         with catalog.write_transaction(db) if label else contextlib.nullcontext():
             return _settle_duplicate(db, name, existing["id"], label, actor)
     try:
-        decoded = decode_image(data, budget_bytes=catalog.decode_budget_bytes(db))
+        decoded = decode_image(data, budget_bytes=decode_budget_bytes(db))
     except LoupeError as exc:
         return IngestOutcome(name, "rejected", reason=str(exc))
 

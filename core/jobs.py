@@ -38,7 +38,7 @@ from core.catalog import now, write_transaction
 from core.config import ResolvedConfig, TrainConfig, authorize_run
 from core.errors import LoupeError
 from core.selection import check_trainable, dataset_from_catalog
-from core.workspace import Workspace
+from core.workspace import Workspace, get_setting
 
 
 class RunStatus(StrEnum):
@@ -277,7 +277,7 @@ def create_job(db: Database, kind: JobKind, params: dict | None = None, *, actor
 
 def executor_settings(db: Database) -> tuple[str, str | None]:
     """The workspace's executor (local or ray) and the Ray cluster's address."""
-    return catalog.get_setting(db, EXECUTOR_SETTING, "local"), catalog.get_setting(db, RAY_ADDRESS_SETTING)
+    return get_setting(db, EXECUTOR_SETTING, "local"), get_setting(db, RAY_ADDRESS_SETTING)
 
 
 def set_executor(db: Database, name: str, *, ray_address: str | None = None, actor: Actor) -> None:
@@ -367,7 +367,7 @@ def retire_worker(db: Database, pid: int, *, only_when_idle: bool) -> bool:
 
 
 def max_active_runs(db: Database) -> int:
-    return max(int(catalog.get_setting(db, MAX_ACTIVE_RUNS_SETTING, 1)), 1)
+    return max(int(get_setting(db, MAX_ACTIVE_RUNS_SETTING, 1)), 1)
 
 
 def worker_alive(pid: int) -> bool:

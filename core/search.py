@@ -159,7 +159,7 @@ def is_grayscale(dataset: TrainDataset) -> bool:
     items = dataset.split("train")
     sample = items[:: max(1, len(items) // GRAY_SAMPLE)][:GRAY_SAMPLE]
     for item in sample:
-        pixels = np.asarray(open_image_rgb(item.path), dtype=np.int16)
+        pixels = np.asarray(open_image_rgb(item.path, budget_bytes=dataset.decode_budget_bytes), dtype=np.int16)
         if np.abs(np.diff(pixels, axis=2)).mean() > GRAY_TOLERANCE:
             return False
     return bool(sample)

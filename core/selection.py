@@ -19,7 +19,8 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from core.errors import LoupeError
-from core.workspace import Workspace
+from core.images import DEFAULT_DECODE_BUDGET_BYTES
+from core.workspace import Workspace, decode_budget_bytes
 
 UNLABELLED_SPLIT = "unlabelled"
 # Every query for the images awaiting a label selects from `images` with this join and condition.
@@ -42,6 +43,8 @@ class TrainItem:
 class TrainDataset:
     classes: list[str]
     items: list[TrainItem]
+    # The workspace's decode budget: training decodes its photos within it, as import did.
+    decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES
 
     def split(self, name: str) -> list[TrainItem]:
         return [item for item in self.items if item.split == name]
@@ -68,30 +71,36 @@ def dataset_from_catalog(ws: Workspace, db: Database) -> TrainDataset:
         _item(ws, row, index[row["class_id"]], row["split"] or "train") for row in rows if row["class_id"] in index
     ]
     items = sorted(items + _awaiting_label_items(ws, db), key=lambda item: item.image_id)
-    return TrainDataset([c["name"] for c in classes], items)
+    return TrainDataset([c["name"] for c in classes], items, decode_budget_bytes(db))
+
+
+def run_snapshot(db: Database, run_id: int) -> list[dict]:
+    """The images, labels and splits the run trained on (`run_items`, taken when it was queued), in
+    image order: `image_id`, `sha256`, `path`, `short_side`, `class_id`, `label` (the class's name), `split`."""
+    return list(
+        db.query(
+            f"SELECT {_ITEM_COLUMNS}, images.id AS image_id, run_items.class_id, run_items.split, "
+            "classes.name AS label FROM run_items JOIN images ON images.id = run_items.image_id "
+            "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY images.id",
+            [run_id],
+        )
+    )
 
 
 def run_dataset(ws: Workspace, db: Database, run_id: int) -> tuple[TrainDataset, list[int]]:
     """The run's snapshot as a TrainDataset, then the images awaiting a label now (to predict on),
     with the catalog class id of each of the dataset's classes, in the same order."""
-    snapshot = list(
-        db.query(
-            f"SELECT {_ITEM_COLUMNS}, run_items.class_id, run_items.split, classes.name AS class_name "
-            "FROM run_items JOIN images ON images.id = run_items.image_id "
-            "JOIN classes ON classes.id = run_items.class_id WHERE run_items.run_id = ? ORDER BY images.id",
-            [run_id],
-        )
-    )
+    snapshot = run_snapshot(db, run_id)
     if not snapshot:
         raise LoupeError(f"Run #{run_id} has no labelled images recorded; start a new run.")
-    classes_by_id = dict(sorted({(r["class_id"], r["class_name"]) for r in snapshot}))
+    classes_by_id = dict(sorted({(r["class_id"], r["label"]) for r in snapshot}))
     class_ids = list(classes_by_id)
     index = {class_id: k for k, class_id in enumerate(class_ids)}
     items = [_item(ws, row, index[row["class_id"]], row["split"]) for row in snapshot]
     snapshotted = {item.image_id for item in items}
     # An image the snapshot holds may have lost its label since: it still counts as labelled here.
     items += [item for item in _awaiting_label_items(ws, db) if item.image_id not in snapshotted]
-    return TrainDataset(list(classes_by_id.values()), items), class_ids
+    return TrainDataset(list(classes_by_id.values()), items, decode_budget_bytes(db)), class_ids
 
 
 def check_trainable(dataset: TrainDataset) -> None:

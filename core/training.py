@@ -37,13 +37,13 @@ from core.calibration import apply_temperature, fit_temperature, logits_from_pro
 from core.checkpoints import TrainedModel, build_classifier
 # PRESETS and dataset_from_catalog are not used here: they stay importable from core.training for
 # the callers written before they moved to core.config and core.selection.
-from core.config import CLASS_WEIGHTINGS, PRESETS, ResolvedConfig, TrainConfig  # noqa: F401
+from core.config import CLASS_WEIGHTINGS, ResolvedConfig, TrainConfig
 from core.embeddings import DECODE_THREADS, EmbeddingCache, decoded_batches, embed_images
 from core.errors import LoupeError
 from core.fewshot import head_training_set
 from core.images import open_image_rgb
 from core.search import search
-from core.selection import UNLABELLED_SPLIT, TrainDataset, TrainItem, check_trainable, dataset_from_catalog  # noqa: F401
+from core.selection import UNLABELLED_SPLIT, TrainDataset, TrainItem, check_trainable
 
 # Cui et al. (2019), "Class-balanced loss based on effective number of samples".
 EFFECTIVE_NUMBER_BETA = 0.999
@@ -485,11 +485,11 @@ class _Run:
             groups.append({"params": backbone_params, "lr": config.backbone_lr})
         optimizer = self.optimizer(groups)
 
-        train_images = _load_resized(self.train_items, self.pre.resize_size)
+        train_images = _load_resized(self.train_items, self.pre.resize_size, self.open)
         augment = augmentation_transform(config.augmentation, self.pre, self.train_size)
         labels = torch.tensor([item.label for item in self.train_items])
         eval_transform = self.pre.eval_transform()
-        val_inputs = torch.stack(_map_threads(lambda item: eval_transform(open_image_rgb(item.path)), self.val_items))
+        val_inputs = torch.stack(_map_threads(lambda item: eval_transform(self.open(item)), self.val_items))
         n, batch_size = len(train_images), config.batch_size
         generator = torch.Generator().manual_seed(config.seed)
 
@@ -533,11 +533,18 @@ class _Run:
         probabilities.update({item.image_id: p.tolist() for item, p in zip(rest, probs)})
         return probabilities
 
+    def open(self, item: TrainItem):
+        """A training photo, decoded as on import and within the workspace's decode budget."""
+        return open_image_rgb(item.path, budget_bytes=self.dataset.decode_budget_bytes)
+
     def predict_images(self, model: nn.Module, items: list[TrainItem]) -> np.ndarray:
         model = model.to(self.device).eval()
         autocast, _ = _mixed_precision(self.device)
         out, done = [], 0
-        for batch in decoded_batches([item.path for item in items], self.pre.eval_transform(), EVAL_BATCH_SIZE):
+        for batch in decoded_batches(
+            [item.path for item in items], self.pre.eval_transform(), EVAL_BATCH_SIZE,
+            budget_bytes=self.dataset.decode_budget_bytes,
+        ):
             self.check_stop()
             with torch.inference_mode(), autocast():
                 out.append(model(_to_device(batch, self.device)).float().softmax(dim=1).cpu().numpy())
@@ -626,7 +633,7 @@ def _map_threads(fn: Callable, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def _load_resized(items: list[TrainItem], short_side: int) -> list:
+def _load_resized(items: list[TrainItem], short_side: int, open_item: Callable) -> list:
     """Decode each training image once, its shorter side resized to the eval resize size."""
     resize = v2.Resize(short_side, antialias=True)
-    return _map_threads(lambda item: resize(open_image_rgb(item.path)), items)
+    return _map_threads(lambda item: resize(open_item(item)), items)

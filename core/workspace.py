@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import sqlite3
 import tempfile
@@ -12,11 +13,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import sqlite_utils
 
 from core.errors import LoupeError
+from core.images import DEFAULT_DECODE_BUDGET_BYTES, check_decode_budget
 
 DEFAULT_WORKSPACE = Path("data")
 WORKSPACE_ENV = "LOUPE_WORKSPACE"
@@ -58,6 +60,23 @@ class Workspace:
     def read_only(self) -> bool:
         """True when the workspace folder exists but cannot be written (a read-only disk or share)."""
         return self.root.is_dir() and not os.access(self.root, os.W_OK)
+
+
+# ---------------------------------------------------------------- settings (written through core.catalog)
+
+
+def get_setting(db: sqlite_utils.Database, key: str, default: Any = None) -> Any:
+    row = next(db.query("SELECT value FROM settings WHERE key = ?", [key]), None)
+    return json.loads(row["value"]) if row else default
+
+
+def decode_budget_bytes(db: sqlite_utils.Database) -> int:
+    """How much memory decoding one image may take in this workspace (see `core.images.decode_cost`):
+    import and every later decode refuse an image above it."""
+    try:
+        return check_decode_budget(get_setting(db, "decode_budget_bytes", DEFAULT_DECODE_BUDGET_BYTES))
+    except LoupeError as exc:
+        raise LoupeError(f"This workspace's decode budget setting is invalid: set it again. {exc}") from None
 
 
 def default_workspace_path() -> Path:

@@ -8,7 +8,7 @@ import timm
 import torch
 from sqlite_utils import Database
 
-from core import images, ingest
+from core import images
 from core.backbones import get_spec
 from core.catalog import now
 from core.checkpoints import TrainedModel, run_checkpoint_path, save_checkpoint

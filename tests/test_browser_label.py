@@ -10,7 +10,7 @@ import pytest
 from core import catalog, ingest
 from core.auth import ADMIN, Actor
 from core.workspace import connect, open_workspace
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
+from tests.browser_support import chromium_page, running_dashboard
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.browser
@@ -59,15 +59,8 @@ def wait_until_acknowledged(page, selector: str) -> None:
 
 @pytest.fixture
 def browser_page():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1400, "height": 900})
-        finally:
-            browser.close()
+    with chromium_page(height=900) as page:
+        yield page
 
 
 def test_fast_key_presses_label_the_image_on_screen_once_each(browser_page, tmp_path):

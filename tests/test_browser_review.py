@@ -7,7 +7,7 @@ import pytest
 
 from core import catalog, reviews
 from core.workspace import connect
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
+from tests.browser_support import chromium_page, running_dashboard
 from tests.conftest import add_labelled_images
 
 pytestmark = pytest.mark.browser
@@ -26,15 +26,8 @@ RECORD_PRESSES = """() => {
 
 @pytest.fixture
 def browser_page():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1000})
-        finally:
-            browser.close()
+    with chromium_page(height=1000) as page:
+        yield page
 
 
 def wait_until_acknowledged(page) -> None:

@@ -95,3 +95,13 @@ def test_train_refuses_too_few_labels_with_the_fix(tmp_path, capsys):
     assert main(["train", "--workspace", str(ws.root)]) == 2
     assert "at least 2 classes" in capsys.readouterr().err
     assert list(connect(ws).query("SELECT * FROM runs")) == []
+
+
+def test_settings_show_and_change_the_decode_budget(tmp_path, capsys):
+    workspace = str(tmp_path / "ws")
+    assert main(["settings", "--workspace", workspace]) == 0
+    assert capsys.readouterr().out.splitlines() == ["decode_budget_mb: 256"]
+    assert main(["settings", "--workspace", workspace, "--decode-budget-mb", "512"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["decode_budget_mb: 512"]
+    assert main(["settings", "--workspace", workspace, "--decode-budget-mb", "1"]) == 2
+    assert "decode budget must be" in capsys.readouterr().err

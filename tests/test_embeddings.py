@@ -15,7 +15,7 @@ from core.embeddings import (
     feature_extractor,
 )
 from core.ingest import ingest_bytes
-from core.training import dataset_from_catalog
+from core.selection import dataset_from_catalog
 from tests.conftest import TESTER
 
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from core import bundle_predict, catalog, export, images
+from core import bundle_predict, catalog, export, images, selection
 from core.catalog import now
 from core.errors import LoupeError
 from core.images import open_image_rgb
@@ -38,7 +38,7 @@ def exported(tmp_path_factory):
 
 
 def val_images(ws, db, run_id):
-    rows = [r for r in export.run_snapshot(db, run_id) if r["split"] == "val"]
+    rows = [r for r in selection.run_snapshot(db, run_id) if r["split"] == "val"]
     return [open_image_rgb(ws.root / r["path"]) for r in rows], rows
 
 
@@ -76,7 +76,7 @@ def test_onnx_metadata_and_dynamic_batch(exported):
     assert props["interpolation"] == "bicubic" and props["backbone"] == "test_efficientnet"
     assert json.loads(props["mean"]) == list(trained.preprocessing.mean)
     assert props["run_id"] == str(exported["run_id"])
-    expected_hash = export.snapshot_sha256(export.run_snapshot(db, exported["run_id"]))
+    expected_hash = export.snapshot_sha256(selection.run_snapshot(db, exported["run_id"]))
     assert props["dataset_snapshot_sha256"] == expected_hash == report.snapshot_sha256
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value

@@ -11,6 +11,7 @@ from PIL import Image
 
 from core import bundle_predict, catalog, images, ingest
 from core.errors import LoupeError
+from core.workspace import decode_budget_bytes
 from tests.conftest import TESTER
 
 # The EXIF orientations, as the transposition that makes the stored pixels upright (EXIF 2.3, tag 0x0112).
@@ -176,11 +177,11 @@ def test_a_decode_budget_outside_its_bounds_is_refused(db, budget):
         catalog.set_decode_budget_bytes(db, budget, actor=TESTER)
     catalog.set_setting(db, "decode_budget_bytes", budget)
     with pytest.raises(LoupeError, match="decode budget setting is invalid"):
-        catalog.decode_budget_bytes(db)
+        decode_budget_bytes(db)
 
 
 def test_a_workspace_decodes_within_the_default_budget_until_told_otherwise(db):
-    assert catalog.decode_budget_bytes(db) == images.DEFAULT_DECODE_BUDGET_BYTES == 256 * 2**20
+    assert decode_budget_bytes(db) == images.DEFAULT_DECODE_BUDGET_BYTES == 256 * 2**20
 
 
 def test_only_a_regular_file_of_a_sane_size_is_read(tmp_path):

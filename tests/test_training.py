@@ -22,7 +22,7 @@ from core.training import (
     train,
     trainable_parts,
 )
-from tests.conftest import TESTER
+from tests.conftest import TESTER, TWO_CLASSES, add_labelled_images, image_bytes
 from tests.test_embeddings import striped_png
 
 CLASS_STYLES = {"red_vertical": ((220, 20, 20), True), "blue_horizontal": ((20, 20, 220), False)}
@@ -212,6 +212,21 @@ def test_a_temperature_fitted_on_validation_is_folded_into_the_saved_network(tmp
     with torch.inference_mode():
         probs = result.model.model(torch.stack([transform(open_image_rgb(i.path)) for i in val])).softmax(dim=1)
     np.testing.assert_allclose(probs.numpy(), [result.probabilities[i.image_id] for i in val], atol=1e-4)
+    db.close()
+
+
+def test_training_decodes_its_photos_within_the_workspace_decode_budget(tmp_path):
+    from core.workspace import connect, open_workspace
+
+    ws = open_workspace(tmp_path / "ws")
+    db = connect(ws)
+    add_labelled_images(ws, db, TWO_CLASSES)
+    ingest_bytes(ws, db, image_bytes((10, 20, 30), (3000, 3000)), "big.png", "red", "train", actor=TESTER)
+    catalog.set_decode_budget_bytes(db, 16 * 2**20, actor=TESTER)
+    dataset = dataset_from_catalog(ws, db)
+    assert dataset.decode_budget_bytes == 16 * 2**20
+    with pytest.raises(LoupeError, match="decoded size 26 MB exceeds this workspace's 16 MB budget"):
+        train(quick(), dataset, Recorder(), EmbeddingCache(db))
     db.close()
 
 
