@@ -446,7 +446,7 @@ class _Run:
         head = nn.Linear(features.shape[1], self.k).to(self.device)
         n = len(x_train)
         batch_size = max(self.config.batch_size, math.ceil(n / MAX_HEAD_STEPS_PER_EPOCH))
-        bounded_epochs = min(epochs, max(MIN_HEAD_EPOCHS, math.ceil(HEAD_IMAGES_SEEN / n)))
+        bounded_epochs = min(epochs, max(MIN_HEAD_EPOCHS, math.ceil(HEAD_IMAGES_SEEN / max(n, 1))))
         self.total_epochs -= epochs - bounded_epochs
         epochs = bounded_epochs
         generator = torch.Generator().manual_seed(self.config.seed)
