@@ -11,6 +11,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import streamlit as st
 
@@ -63,17 +64,25 @@ class Outbox:
     similar: tuple[str, int] | None = None
 
 
-def read_outbox(value: object) -> Outbox:
-    """The component's reported state, keeping only well-formed events (the browser is not trusted)."""
-    if not isinstance(value, dict):
-        return Outbox((), None)
+def read_report(
+    value: dict, read_event: Callable[[object], object | None]
+) -> tuple[tuple, int | None, str | None, frozenset[int]]:
+    """What every component's report holds (outbox.js): its well-formed events, the image on
+    screen, the mount's client id and the pictures it lacks; the browser is not trusted."""
     current = value.get("current") if is_int(value.get("current")) else None
     client = value.get("client") if isinstance(value.get("client"), str) and CLIENT_ID.match(value["client"]) else None
     missing = value.get("missing")
     missing = frozenset(i for i in missing[:MAX_MISSING] if is_int(i)) if isinstance(missing, list) else frozenset()
     raw_events = value.get("events")
     raw_events = raw_events[:MAX_EVENTS] if isinstance(raw_events, list) else []
-    events = tuple(e for e in map(_read_event, raw_events) if e is not None)
+    return tuple(e for e in map(read_event, raw_events) if e is not None), current, client, missing
+
+
+def read_outbox(value: object) -> Outbox:
+    """The labeller's reported state, keeping only well-formed events (the browser is not trusted)."""
+    if not isinstance(value, dict):
+        return Outbox((), None)
+    events, current, client, missing = read_report(value, _read_event)
     similar = value.get("similar")
     if isinstance(similar, dict) and isinstance(similar.get("token"), str) and CLIENT_ID.match(similar["token"]):
         similar = (similar["token"], similar["image_id"]) if is_int(similar.get("image_id")) else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import CLIENT_ID, EVENT_ID, MAX_EVENTS, MAX_MISSING, is_int, script
+from dashboard.components import EVENT_ID, is_int, read_report, script
 
 _HERE = Path(__file__).parent
 # What a key decides; relabelling keys (1-9) come with the classes.
@@ -59,13 +59,7 @@ def read_review_outbox(value: object) -> ReviewOutbox:
     """The component's reported state, keeping only well-formed events (the browser is not trusted)."""
     if not isinstance(value, dict):
         return ReviewOutbox((), None)
-    current = value.get("current") if is_int(value.get("current")) else None
-    client = value.get("client") if isinstance(value.get("client"), str) and CLIENT_ID.match(value["client"]) else None
-    missing = value.get("missing")
-    missing = frozenset(i for i in missing[:MAX_MISSING] if is_int(i)) if isinstance(missing, list) else frozenset()
-    raw_events = value.get("events")
-    raw_events = raw_events[:MAX_EVENTS] if isinstance(raw_events, list) else []
-    events = tuple(e for e in map(_read_event, raw_events) if e is not None)
+    events, current, client, missing = read_report(value, _read_event)
     attempt = value.get("attempt") if is_int(value.get("attempt")) else 0
     return ReviewOutbox(events, current, client, missing, attempt)
 
