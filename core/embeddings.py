@@ -21,7 +21,6 @@ from torch import nn
 
 from core.backbones import Preprocessing, configure_threads, create_backbone, get_spec
 from core.images import DEFAULT_DECODE_BUDGET_BYTES, open_image_rgb
-from core.workspace import decode_budget_bytes
 
 EMBED_BATCH_SIZE = 32
 # Decoding (Pillow releases the GIL) runs in threads alongside the forward pass: one a core.
@@ -115,10 +114,13 @@ def embed_images(
     weights_path: str | Path | None = None,
     device: torch.device | str = "cpu",
     preprocessing: Preprocessing | None = None,
+    *,
+    budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES,
 ) -> np.ndarray:
     """One feature vector per item (rows in item order), computing only those not in the cache.
 
-    Images go through `preprocessing`, the backbone's own unless given.
+    Images go through `preprocessing`, the backbone's own unless given, each decoded within
+    `budget_bytes` (the workspace's decode budget).
 
     `progress(done, total)` is called after each computed batch, once it is cached; an
     exception it raises stops the work and keeps what was already computed.
@@ -131,7 +133,9 @@ def embed_images(
         if item.sha256 not in known:
             missing.setdefault(item.sha256, Path(item.path))
     if missing:
-        known.update(_compute(cache, key, backbone_name, weights_path, pre, missing, progress, torch.device(device)))
+        known.update(
+            _compute(cache, key, backbone_name, weights_path, pre, missing, progress, torch.device(device), budget_bytes)
+        )
     if not items:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack([known[item.sha256] for item in items])
@@ -180,15 +184,14 @@ def _compute(
     missing: dict[str, Path],
     progress: Callable[[int, int], None] | None,
     device: torch.device,
+    budget_bytes: int,
 ) -> dict[str, np.ndarray]:
     configure_threads()
     run = feature_extractor(create_backbone(backbone_name, weights_path), pre.input_size, len(missing), device)
     sha256s, paths = list(missing), list(missing.values())
     computed: dict[str, np.ndarray] = {}
     done = 0
-    # The workspace's decode budget where there is a workspace (its cache), as on import.
-    budget = decode_budget_bytes(cache.db) if cache else DEFAULT_DECODE_BUDGET_BYTES
-    for batch in decoded_batches(paths, pre.eval_transform(), budget_bytes=budget):
+    for batch in decoded_batches(paths, pre.eval_transform(), budget_bytes=budget_bytes):
         features = run(batch).astype(np.float32, copy=False)
         fresh = dict(zip(sha256s[done : done + len(features)], features))
         if cache:

@@ -20,6 +20,7 @@ from core.config import TrainConfig
 from core.embeddings import EmbeddableItem, EmbeddingCache, cache_key, embed_images
 from core.selection import TrainDataset
 from core.training import Reporter, TrainResult, resolve_device, train
+from core.workspace import decode_budget_bytes
 
 # Vectors kept in the worker's memory between jobs: about 330 MB of Lite0's 1280 floats.
 WARM_VECTORS = 64_000
@@ -106,7 +107,7 @@ class LocalExecutor:
         key = cache_key(config.backbone, config.weights_path, preprocessing)
         missing = missing_items(cache, key, items)
         embed_images(cache, config.backbone, missing, progress, config.weights_path,
-                     resolve_device(config.device), preprocessing)
+                     resolve_device(config.device), preprocessing, budget_bytes=decode_budget_bytes(cache.db))
         return len(missing)
 
     def close(self) -> None:

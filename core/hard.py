@@ -32,7 +32,7 @@ from core.images import open_image_rgb
 from core.jobs import run_config
 from core.metrics import NO_LABEL, RunPredictions
 from core.uncertainty import UNCERTAINTY_MEASURES, margin, uncertainty
-from core.workspace import Workspace
+from core.workspace import Workspace, decode_budget_bytes
 
 # Labelling orders the Label page and the benchmark offer; "diverse" is the cold-start one.
 LABELLING_STRATEGIES = ("margin", "entropy", "diverse")
@@ -423,4 +423,5 @@ def run_embeddings(
         wanted = {item.sha256 for item in items}
         if len(cache.get_many(cache_key(config.backbone, config.weights_path, pre), list(wanted))) < len(wanted):
             return None
-    return embed_images(cache, config.backbone, items, weights_path=config.weights_path, preprocessing=pre)
+    return embed_images(cache, config.backbone, items, weights_path=config.weights_path, preprocessing=pre,
+                        budget_bytes=decode_budget_bytes(db))

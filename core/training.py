@@ -329,7 +329,8 @@ class _Run:
 
             self.check_stop()
             self.features = embed_images(
-                cache, self.config.backbone, items, progress, self.config.weights_path, self.device, self.pre
+                cache, self.config.backbone, items, progress, self.config.weights_path, self.device, self.pre,
+                budget_bytes=self.dataset.decode_budget_bytes,
             )
         return self.features
 
