@@ -97,6 +97,8 @@ def apply_outbox(key: str) -> tuple[components.Outbox, list[str], dict | None]:
 
 
 def mount_labeller(key: str, data: dict) -> None:
+    # The "find similar" requests already handled: the browser resends one until it sees it here.
+    data = {**data, "similar_done": sorted(st.session_state.get("similar_done", ()))}
     components.labeller(key=key, data=data, on_outbox_change=functools.partial(on_outbox_change, key))
 
 

@@ -131,6 +131,8 @@ def test_find_similar_from_focus_mode_opens_the_nearest_images_in_the_grid(brows
         open_label_page(page, url, "Focus")
         page.wait_for_selector(f'{SHOWN.removesuffix("[data-image-id]")}[data-image-id="1"]', timeout=TIMEOUT_MS)
         page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=TIMEOUT_MS)
+        # A rerun may have given a text field the focus back, where keys are typed, not shortcuts.
+        page.evaluate("document.activeElement && document.activeElement.blur()")
         page.keyboard.press("f")
         page.wait_for_function(
             "() => document.body.innerText.includes('Showing the 7 images most similar to #1.')", timeout=TIMEOUT_MS

@@ -336,6 +336,8 @@ export default function (component) {
   }
   state.outbox.send = setStateValue;
   state.outbox.acknowledge(data.acked);
+  const similar = state.outbox.extra.similar;
+  if (similar && (data.similar_done || []).includes(similar.token)) delete state.outbox.extra.similar;
   state.view.update(data);
   // New data means the page finished a rerun: send what waited, and events left from before a
   // reload or a mode switch.
@@ -363,8 +365,7 @@ function createState(parentElement, data) {
     if (state.view.onKey(event)) event.preventDefault();
   };
   const resend = setInterval(() => {
-    const waiting = state.outbox.pending || state.outbox.wanted;
-    if (waiting && Date.now() - state.outbox.lastSentAt > RESEND_AFTER_MS) state.outbox.flush();
+    if (state.outbox.waiting && Date.now() - state.outbox.lastSentAt > RESEND_AFTER_MS) state.outbox.flush();
   }, 500);
   document.addEventListener("keydown", onKey);
   state.destroy = () => {

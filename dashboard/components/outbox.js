@@ -86,7 +86,12 @@ class Outbox {
 
   received() {
     this.inFlight = false;
-    if (this.wanted || this.events.length || this.missing.length) this.flush();
+    if (this.waiting || this.missing.length) this.flush();
+  }
+
+  // Events, a report asked for, or a request beside the events that Python has not yet seen.
+  get waiting() {
+    return Boolean(this.events.length || this.wanted || Object.keys(this.extra).length);
   }
 
   flush() {

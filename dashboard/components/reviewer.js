@@ -355,7 +355,7 @@ function createState(parentElement, data) {
   };
   const resend = setInterval(() => {
     // A report whose reply never came (its rerun was interrupted) is sent again too.
-    const waiting = state.outbox.events.length || state.outbox.wanted || state.outbox.inFlight;
+    const waiting = state.outbox.waiting || state.outbox.inFlight;
     if (waiting && Date.now() - state.outbox.lastSentAt > RESEND_AFTER_MS) state.outbox.flush();
   }, 500);
   document.addEventListener("keydown", onKey);
