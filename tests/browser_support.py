@@ -59,11 +59,16 @@ def running_dashboard(workspace: Path) -> Iterator[str]:
         wait_for_health(url, server)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Ask a server started by a test to stop; kill it when it does not within 10 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from core.auth import Actor
 from core.serve import MODE_ENV, TEAM
 from core.workspace import connect, open_workspace
 from tests.conftest import APP, ROOT, TESTER, add_labelled_images
-from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, wait_for_health
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, free_port, stop_server, wait_for_health
 
 pytestmark = pytest.mark.browser
 
@@ -60,11 +60,7 @@ def team_app(workspace: Path, *, port: int | None = None, host: str = "127.0.0.1
         wait_for_health(f"http://127.0.0.1:{port}", server)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 @contextlib.contextmanager
