@@ -36,7 +36,6 @@ def db() -> Database:
 # The built-in account session: kept in session state for this tab and in a cookie for reloads.
 SESSION_COOKIE = "loupe_session"
 SESSION_KEY = "loupe_session_token"
-COOKIE_CHANGE_KEY = "loupe_session_cookie_change"
 IDENTITY_AUDITED_KEY = "loupe_identity_audited"
 NO_ACTOR_NAME = "anonymous"
 
@@ -108,13 +107,18 @@ def user() -> str:
 # ---------------------------------------------------------------- signing in
 
 
-def _apply_cookie_change() -> None:
-    """Set or clear the session cookie in the browser; only a token we generated is ever written."""
-    change = st.session_state.pop(COOKIE_CHANGE_KEY, None)
-    if change is None:
+def _sync_cookie() -> None:
+    """Set or clear the session cookie in the browser; only a token we generated is ever written.
+
+    The script is drawn on every rerun until the tab is reloaded with the cookie, not once: a rerun
+    that replaces this one before the browser ran it would otherwise lose the change."""
+    if SESSION_KEY not in st.session_state:
+        return
+    token = st.session_state[SESSION_KEY]
+    if token == (st.context.cookies.get(SESSION_COOKIE) or ""):
         return
     secure = "; Secure" if (st.context.url or "").startswith("https://") else ""
-    value, max_age = (change, accounts.SESSION_SECONDS) if change else ("", 0)
+    value, max_age = (token, accounts.SESSION_SECONDS) if token else ("", 0)
     script = f"document.cookie = '{SESSION_COOKIE}={value}; Max-Age={max_age}; Path=/; SameSite=Strict{secure}';"
     with st.sidebar:
         st.html(f"<script>{script}</script>", unsafe_allow_javascript=True)
@@ -128,7 +132,6 @@ def _sign_in_with_password() -> None:
         st.session_state["sign_in_error"] = str(exc)
         return
     st.session_state[SESSION_KEY] = token
-    st.session_state[COOKIE_CHANGE_KEY] = token
     st.session_state.pop("sign_in_password", None)
 
 
@@ -141,7 +144,6 @@ def sign_out() -> None:
         return
     accounts.sign_out(database, _session_token())
     st.session_state[SESSION_KEY] = ""
-    st.session_state[COOKIE_CHANGE_KEY] = ""
 
 
 def _sign_in_page(database: Database) -> None:
@@ -170,7 +172,7 @@ def require_sign_in() -> Actor | None:
     An identity the provider vouches for gets no access until an admin adds its email with a role:
     an organisation's provider usually knows far more people than should see this workspace.
     """
-    _apply_cookie_change()
+    _sync_cookie()
     if mode() != serve.TEAM:
         return None
     database = db()

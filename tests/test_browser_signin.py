@@ -95,6 +95,11 @@ def signed_in_as(page, email: str, role: str) -> None:
     wait_idle(page)
 
 
+def session_cookie_set(page) -> None:
+    """Wait until the browser holds the session cookie: a reload or a typed URL carries nothing else."""
+    page.wait_for_function("document.cookie.includes('loupe_session=')", timeout=TIMEOUT_MS)
+
+
 def nav_titles(page) -> list[str]:
     # Each link's text is its icon's name, then its title.
     return [t.strip().splitlines()[-1] for t in page.get_by_test_id("stSidebarNav").locator("a").all_inner_texts()]
@@ -108,6 +113,7 @@ def test_a_built_in_account_signs_in_stays_signed_in_on_reload_and_signs_out(syn
         sign_in(page, "root@example.org", PASSWORD)
         signed_in_as(page, "root@example.org", "admin")
         assert {"Home", "Label", "Audit"} <= set(nav_titles(page))
+        session_cookie_set(page)
         page.reload()
         signed_in_as(page, "root@example.org", "admin")
         page.get_by_role("button", name="Sign out").click()
@@ -125,6 +131,7 @@ def test_a_viewer_sees_no_label_controls_where_a_labeller_does(sync_api, team_wo
         page.goto(url)
         sign_in(page, "lea@example.org", PASSWORD)
         signed_in_as(page, "lea@example.org", "labeller")
+        session_cookie_set(page)
         page.goto(f"{url}/label")
         page.get_by_role("heading", name="Label").wait_for(timeout=TIMEOUT_MS)
         wait_idle(page)
@@ -134,6 +141,7 @@ def test_a_viewer_sees_no_label_controls_where_a_labeller_does(sync_api, team_wo
         sign_in(page, "vic@example.org", PASSWORD)
         signed_in_as(page, "vic@example.org", "viewer")
         assert "Label" not in nav_titles(page) and "Audit" not in nav_titles(page)
+        session_cookie_set(page)
         page.goto(f"{url}/label")
         signed_in_as(page, "vic@example.org", "viewer")
         page.get_by_role("heading", name="Loupe").wait_for(timeout=TIMEOUT_MS)
