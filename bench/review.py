@@ -47,7 +47,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from core import hard, ingest, jobs
+from core import hard, ingest, jobs, perceptual_hash
 from core.auth import Actor
 from core.backbones import DEFAULT_BACKBONE, configure_threads, get_spec
 from core.checkpoints import load_run_model
@@ -403,7 +403,7 @@ def near_duplicates(ws: Workspace, hymenoptera: Path) -> None:
                 ingest.ingest_bytes(ws, db, copy, name, path.parent.name, "val", actor=BENCH)
     rows = list(db.query("SELECT id, sha256, path, original_name FROM images ORDER BY id"))
     features = embeddings(ws, rows)
-    hashes = hard.run_image_hashes(ws, db, np.array([r["id"] for r in rows]))
+    hashes = perceptual_hash.image_hashes(ws, db, np.array([r["id"] for r in rows]))
     stems = [Path(r["original_name"]).stem.split(COPY_MARK) for r in rows]
     photo = np.array([s[0] for s in stems], dtype=object)
     kind = np.array([s[1] if len(s) > 1 else "original" for s in stems], dtype=object)

@@ -81,14 +81,21 @@ def find_image_by_sha256(db: Database, sha256: str) -> dict | None:
     return next(db.query("SELECT * FROM images WHERE sha256 = ?", [sha256]), None)
 
 
+_INSERT_IMAGE = (
+    "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at, phash, "
+    "phash_mirrored) VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at, "
+    ":phash, :phash_mirrored)"
+)
+
+
+def _image_row(row: dict) -> dict:
+    # Without hashes, core.perceptual_hash computes them when first asked.
+    return {"added_at": now(), "phash": None, "phash_mirrored": None, **row}
+
+
 def insert_image(db: Database, row: dict, *, actor: Actor) -> int:
     authorize(actor, "upload")
-    cursor = db.execute(
-        "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at) "
-        "VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at)",
-        {"added_at": now(), **row},
-    )
-    return cursor.lastrowid
+    return db.execute(_INSERT_IMAGE, _image_row(row)).lastrowid
 
 
 def get_image(db: Database, image_id: int) -> dict:
@@ -697,12 +704,7 @@ def insert_new_image(db: Database, row: dict, *, actor: Actor, split: str | None
     images it adds, never others); None when an image with the same sha256 is already there (another
     import won)."""
     authorize(actor, "upload")
-    cursor = db.execute(
-        "INSERT INTO images (sha256, path, thumb_path, width, height, format, original_name, added_at) "
-        "VALUES (:sha256, :path, :thumb_path, :width, :height, :format, :original_name, :added_at) "
-        "ON CONFLICT(sha256) DO NOTHING",
-        {"added_at": now(), **row},
-    )
+    cursor = db.execute(f"{_INSERT_IMAGE} ON CONFLICT(sha256) DO NOTHING", _image_row(row))
     if cursor.rowcount != 1:
         return None
     if split:

@@ -26,6 +26,8 @@ EMBED_BATCH_SIZE = 32
 # Decoding (Pillow releases the GIL) runs in threads alongside the forward pass: one a core.
 DECODE_THREADS = os.cpu_count() or 1
 ONNX_MIN_IMAGES = 200
+# Above this many vectors asked for at once, the cache reads all of a backbone's rows and keeps those wanted.
+_READ_ALL_ABOVE = 20_000
 
 
 class EmbeddableItem(Protocol):
@@ -53,16 +55,23 @@ class EmbeddingCache:
         self.db = db
 
     def get_many(self, key: str, sha256s: Sequence[str]) -> dict[str, np.ndarray]:
-        # One query with the hashes as one JSON parameter (no limit on bound parameters to stay under),
-        # and one array for all vectors: per-chunk queries and per-row arrays cost seconds at 100,000 images.
-        rows = self.db.execute(
-            "SELECT sha256, vector FROM embeddings WHERE backbone = ? AND sha256 IN (SELECT value FROM json_each(?))",
-            [key, json.dumps(list(dict.fromkeys(sha256s)))],
-        ).fetchall()
-        if not rows:
-            return {}
-        vectors = np.frombuffer(b"".join(vector for _, vector in rows), dtype=np.float32).reshape(len(rows), -1)
-        return {sha256: vector for (sha256, _), vector in zip(rows, vectors)}
+        # One query with the hashes as one JSON parameter (no limit on bound parameters to stay under):
+        # per-chunk queries cost seconds at 100,000 images.
+        wanted = list(dict.fromkeys(sha256s))
+        if len(wanted) > _READ_ALL_ABOVE:
+            # Reading the table in order beats looking each one up: 2.6 s rather than 7.4 s at 100,000.
+            wanted_set = set(wanted)
+            rows = [
+                row for row in self.db.execute("SELECT sha256, vector FROM embeddings WHERE backbone = ?", [key])
+                if row[0] in wanted_set
+            ]
+        else:
+            rows = self.db.execute(
+                "SELECT sha256, vector FROM embeddings WHERE backbone = ? AND sha256 IN (SELECT value FROM json_each(?))",
+                [key, json.dumps(wanted)],
+            ).fetchall()
+        # Views of the stored bytes: copying them into one array here and again into the caller's cost 1 s more.
+        return {sha256: np.frombuffer(vector, dtype=np.float32) for sha256, vector in rows}
 
     def put_many(self, key: str, vectors: dict[str, np.ndarray]) -> None:
         with self.db.atomic():
@@ -138,7 +147,8 @@ def embed_images(
         )
     if not items:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([known[item.sha256] for item in items])
+    # concatenate, not stack: 0.4 s rather than 1.5 s for 100,000 vectors.
+    return np.concatenate([known[item.sha256] for item in items]).reshape(len(items), -1)
 
 
 def feature_extractor(

@@ -6,15 +6,13 @@ the end adapt them to a run's stored predictions and the catalog's cached embedd
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+import torch
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
 from scipy.special import softmax
@@ -28,9 +26,9 @@ from core.backbones import DEFAULT_BACKBONE, create_backbone, get_spec
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
 from core.fewshot import uncertain_diverse_batch
-from core.images import open_image_rgb
 from core.jobs import run_config
 from core.metrics import NO_LABEL, RunPredictions
+from core.perceptual_hash import hash_distances
 from core.uncertainty import UNCERTAINTY_MEASURES, margin, uncertainty
 from core.workspace import Workspace, decode_budget_bytes
 
@@ -58,8 +56,12 @@ OUT_OF_FOLD_C = 1.0
 # Above this many images a fold's model learns from a stratified sample of this size (and the folds are
 # not repeated): the held-out probabilities barely change, and fitting on 80,000 images took minutes each.
 OUT_OF_FOLD_SAMPLE = 10_000
-# Rows compared at once: bounds memory to this many rows of n similarities and hash distances.
-_SIMILARITY_BLOCK = 512
+# Rows and columns compared at once: an 8 MB block of products, which kept the search's time in the
+# products rather than in finding the few pairs among them.
+_SIMILARITY_ROWS = 256
+_SIMILARITY_COLUMNS = 8192
+_INT8_MAX = 127
+_ROUNDING_SIGMAS = 16
 
 
 # ---------------------------------------------------------------- scores
@@ -193,23 +195,6 @@ def label_issue_order(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
     return np.concatenate([flagged_order, rest]).astype(int), quality, flagged
 
 
-def perceptual_hashes(images: Iterable[Image.Image]) -> np.ndarray:
-    """Per image, its 64-bit perceptual hash and that of its mirror image: (n, 2) unsigned integers."""
-    def as_int(image: Image.Image) -> np.uint64:
-        return np.packbits(imagehash.phash(image).hash.ravel()).view(">u8")[0].astype(np.uint64)
-
-    rows = [(as_int(image), as_int(ImageOps.mirror(image))) for image in images]
-    return np.array(rows, dtype=np.uint64).reshape(len(rows), 2)
-
-
-def hash_distances(hashes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Bits that differ between each of `hashes` and each of `others` (rows of `perceptual_hashes`),
-    the smaller of as-is and mirrored, so a flipped copy is as close as the original."""
-    plain = np.bitwise_count(hashes[:, None, 0] ^ others[None, :, 0])
-    mirrored = np.bitwise_count(hashes[:, None, 0] ^ others[None, :, 1])
-    return np.minimum(plain, mirrored).astype(np.int64)
-
-
 def near_duplicate_pairs(
     features: np.ndarray,
     *,
@@ -219,27 +204,85 @@ def near_duplicate_pairs(
     limit: int = NEAR_DUPLICATE_LIMIT,
 ) -> list[tuple[int, int, float, int | None]]:
     """Pairs (i, j, cosine similarity, hash distance or None without hashes), i < j, at least
-    `threshold` alike or within `hash_distance` bits: the `limit` most alike, most alike first."""
-    x = normalize(features).astype(np.float32)
-    found: list[tuple[np.ndarray, ...]] = []
-    for start in range(0, len(x), _SIMILARITY_BLOCK):
+    `threshold` alike or within `hash_distance` bits: the `limit` most alike, most alike first.
+
+    Every pair is compared in 8-bit integers, about four times as fast as in float32 on a laptop
+    CPU (100,000 images: 13 s rather than 76 s); the pairs that come near the threshold there are
+    compared again in float32, so the result is the float32 one.
+    """
+    vectors = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    # Unit length (a zero vector stays zero): sklearn's normalize took 3 s here at 100,000 images.
+    x = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True).clamp_min(1e-12)
+    # One scale for every vector, so an integer product compares with one integer threshold.
+    scale = _INT8_MAX / max(float(x.abs().max()) if len(x) else 0.0, 1e-12)
+    quantised = torch.round(x * scale).to(torch.int8)
+    # Rounding each element moves a product of unit vectors by about sqrt(1/6) / scale (one standard
+    # deviation); within _ROUNDING_SIGMAS of that, a pair is compared again in float32.
+    margin = _ROUNDING_SIGMAS * np.sqrt(1 / 6) / scale
+    near = int(np.floor((threshold - margin) * scale * scale))
+    # A hash as 64 signs: the product of two is 64 minus twice the bits that differ.
+    signs = None if hashes is None else [torch.from_numpy(_hash_signs(hashes[:, k])) for k in (0, 1)]
+    most_alike = 64 - 2 * hash_distance
+    # Blocks are written into the same buffers: allocating them afresh cost a sixth more time.
+    buffers = [torch.empty(_SIMILARITY_ROWS * _SIMILARITY_COLUMNS, dtype=dtype)
+               for dtype in (torch.int32, torch.int32, torch.int32, torch.bool, torch.bool)]
+    first, second, products_found = [], [], []
+    for start in range(0, len(x), _SIMILARITY_ROWS):
+        rows = slice(start, start + _SIMILARITY_ROWS)
         # Only columns from the block's start on: each pair once (i < j), half the products.
-        similarity = x[start : start + _SIMILARITY_BLOCK] @ x[start:].T
-        close = similarity >= threshold
-        if hashes is not None:
-            distance = hash_distances(hashes[start : start + _SIMILARITY_BLOCK], hashes[start:])
-            close |= distance <= hash_distance
-        rows, columns = np.nonzero(np.triu(close, k=1))
-        bits = distance[rows, columns] if hashes is not None else np.full(len(rows), -1)
-        found.append((start + rows, start + columns, similarity[rows, columns], bits))
-    if not found:
+        for column_start in range(start, len(x), _SIMILARITY_COLUMNS):
+            columns = slice(column_start, column_start + _SIMILARITY_COLUMNS)
+            shape = (len(quantised[rows]), len(quantised[columns]))
+            products, plain, mirrored, close, close_by_hash = (b[: shape[0] * shape[1]].view(shape) for b in buffers)
+            torch._int_mm(quantised[rows], quantised[columns].T, out=products)
+            torch.ge(products, near, out=close)
+            if signs is not None:
+                torch._int_mm(signs[0][rows], signs[0][columns].T, out=plain)
+                torch._int_mm(signs[0][rows], signs[1][columns].T, out=mirrored)
+                torch.maximum(plain, mirrored, out=plain)
+                torch.ge(plain, most_alike, out=close_by_hash)
+                close |= close_by_hash
+            # numpy finds the few true cells of a large mask several times faster than torch.nonzero.
+            cells = np.flatnonzero(close.numpy())
+            row, column = np.divmod(cells, shape[1])
+            keep = column + column_start > row + start
+            first.append(row[keep] + start)
+            second.append(column[keep] + column_start)
+            products_found.append(products.numpy().ravel()[cells[keep]])
+    if not first:
         return []
-    first, second, similarity, bits = (np.concatenate(parts) for parts in zip(*found))
-    order = np.argsort(-similarity, kind="stable")[:limit]
+    first, second = np.concatenate(first), np.concatenate(second)
+    alike = np.concatenate(products_found) / (scale * scale)
+    bits = hash_distances(hashes[first], hashes[second]) if hashes is not None else np.full(len(first), -1)
+    by_hash = (bits >= 0) & (bits <= hash_distance)
+    # Only pairs that can be among the `limit` most alike are compared in float32: at least `limit`
+    # pairs are certainly in and at least `cut` alike, give or take the rounding.
+    certain = by_hash | (alike >= threshold + margin)
+    cut = np.partition(alike[certain], -limit)[-limit] - 2 * margin if certain.sum() >= limit else -np.inf
+    check = np.flatnonzero((by_hash | (alike >= threshold - margin)) & (alike >= cut))
+    similarity = _row_dots(x.numpy(), first[check], second[check])
+    wanted = (similarity >= threshold) | by_hash[check]
+    first, second, similarity, bits = (a[wanted] for a in (first[check], second[check], similarity, bits[check]))
+    order = np.lexsort((second, first, -similarity))[:limit]
     return [
         (int(first[n]), int(second[n]), float(similarity[n]), int(bits[n]) if hashes is not None else None)
         for n in order
     ]
+
+
+def _hash_signs(hashes: np.ndarray) -> np.ndarray:
+    """64-bit hashes as rows of 64 signs (+1 for a set bit, -1 for a clear one)."""
+    bits = np.unpackbits(hashes.astype(">u8").view(np.uint8).reshape(len(hashes), 8), axis=1)
+    return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
+
+
+def _row_dots(x: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """x[first[k]] . x[second[k]] for each k, a bounded number of rows at a time."""
+    out = np.empty(len(first), dtype=np.float32)
+    for start in range(0, len(first), _SIMILARITY_COLUMNS):
+        part = slice(start, start + _SIMILARITY_COLUMNS)
+        out[part] = np.einsum("ij,ij->i", x[first[part]], x[second[part]])
+    return out
 
 
 # ---------------------------------------------------------------- what to label next
@@ -381,7 +424,13 @@ def unlabelled_queue(
 @dataclass
 class _EmbeddingItem:
     sha256: str
-    path: Path
+    root: Path
+    relative_path: str
+
+    @property
+    def path(self) -> Path:
+        # Built only for an image whose embedding must be computed: 100,000 paths cost 1.5 s.
+        return self.root / self.relative_path
 
 
 def run_mislabelled_queue(ws: Workspace, db: Database, run: dict, predictions: RunPredictions) -> pd.DataFrame:
@@ -389,17 +438,6 @@ def run_mislabelled_queue(ws: Workspace, db: Database, run: dict, predictions: R
     config = run_config(run)
     features = run_embeddings(ws, db, run, predictions.labelled().image_ids)
     return mislabelled_queue(predictions, features, config.backbone, config.weights_path)
-
-
-def run_image_hashes(ws: Workspace, db: Database, image_ids: np.ndarray) -> np.ndarray:
-    """`perceptual_hashes` of these images (rows in their order), from their stored thumbnails."""
-    ids = [int(i) for i in image_ids]
-    thumbs = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        for row in db.query(f"SELECT id, thumb_path FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-            thumbs[row["id"]] = ws.root / row["thumb_path"]
-    return perceptual_hashes(open_image_rgb(thumbs[i]) for i in ids)
 
 
 def run_embeddings(
@@ -416,7 +454,7 @@ def run_embeddings(
         chunk = ids[start : start + 500]
         for row in db.query(f"SELECT id, sha256, path FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
             rows[row["id"]] = row
-    items = [_EmbeddingItem(rows[i]["sha256"], ws.root / rows[i]["path"]) for i in ids]
+    items = [_EmbeddingItem(rows[i]["sha256"], ws.root, rows[i]["path"]) for i in ids]
     cache = EmbeddingCache(db)
     pre = get_spec(config.backbone).preprocessing_for(config.image_size)
     if not compute_missing:

@@ -33,6 +33,7 @@ from core import audit, catalog
 from core.auth import Actor, authorize, check_import_path
 from core.errors import LoupeError
 from core.images import ALLOWED_FORMATS, MAX_FILE_BYTES, decode_image, thumbnail_jpeg
+from core.perceptual_hash import thumbnail_hash_columns
 from core.workspace import (
     TEMP_PREFIX,
     Workspace,
@@ -243,6 +244,7 @@ def ingest_bytes(
     image_rel = Path("images") / sha256[:2] / f"{sha256}.{ext}"
     thumb_rel = Path("thumbs") / sha256[:2] / f"{sha256}.jpg"
     outcome = IngestOutcome(name, "added")
+    thumbnail = thumbnail_jpeg(decoded.rgb)
     pending = _Pending(
         outcome,
         {
@@ -253,6 +255,7 @@ def ingest_bytes(
             "height": decoded.height,
             "format": decoded.format,
             "original_name": name,
+            **thumbnail_hash_columns(thumbnail),
         },
         label,
         split,
@@ -260,7 +263,7 @@ def ingest_bytes(
     )
     try:
         with workspace_writes(ws):
-            for rel, payload in ((image_rel, data), (thumb_rel, thumbnail_jpeg(decoded.rgb))):
+            for rel, payload in ((image_rel, data), (thumb_rel, thumbnail)):
                 _write_unsynced(ws.root / rel, payload)
                 pending.files.append(ws.root / rel)
     except BaseException:

@@ -271,5 +271,18 @@ def add_job_requesters(db: Database) -> None:
     )
 
 
+@migrations()
+def add_perceptual_hashes(db: Database) -> None:
+    # Each image's perceptual hash and its mirror's (signed 64-bit), stored at import: the
+    # near-duplicate queue reads them rather than hashing every thumbnail. Older images get theirs
+    # when first asked for (core.perceptual_hash).
+    db.executescript(
+        """
+        ALTER TABLE images ADD COLUMN phash INTEGER;
+        ALTER TABLE images ADD COLUMN phash_mirrored INTEGER;
+        """
+    )
+
+
 def migrate(db: Database) -> None:
     migrations.apply(db)

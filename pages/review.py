@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from core import catalog, hard, images, jobs, reviews
+from core import catalog, hard, images, jobs, perceptual_hash, reviews
 from core.auth import can
 from core.cam_cache import CAM_SIDE, CamRequest, CamService, cached_cam, cam_path
 from core.compare import compare_runs, reviewer_agreement
@@ -94,7 +94,7 @@ def _mislabelled(root: str, run_id: int) -> pd.DataFrame:
 
 @st.cache_data(max_entries=8, show_spinner="Hashing thumbnails…")
 def _hashes(root: str, run_id: int) -> np.ndarray:
-    return hard.run_image_hashes(Workspace(Path(root)), state.db(), _predictions(root, run_id).image_ids)
+    return perceptual_hash.image_hashes(Workspace(Path(root)), state.db(), _predictions(root, run_id).image_ids)
 
 
 @st.cache_data(max_entries=16, show_spinner="Comparing images…")

@@ -95,4 +95,6 @@ def test_the_cache_returns_each_stored_vector_once_by_hash_beyond_sqlites_parame
     found = cache.get_many("key", wanted)
     assert found.keys() == stored.keys()
     assert all(np.array_equal(found[sha], vector) for sha, vector in stored.items())
+    few = cache.get_many("key", [*list(stored)[5:8], "f" * 64])  # looked up one by one, rather than read in order
+    assert set(few) == set(list(stored)[5:8]) and all(np.array_equal(few[sha], stored[sha]) for sha in few)
     assert cache.get_many("key", []) == {}

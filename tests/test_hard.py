@@ -8,6 +8,7 @@ from core import catalog, hard, ingest, uncertainty
 from core.auth import Actor
 from core.errors import LoupeError
 from core.metrics import RunPredictions, load_run_predictions
+from core.perceptual_hash import hash_distances, perceptual_hashes
 from PIL import Image, ImageDraw
 
 from tests.conftest import add_labelled_images, image_bytes
@@ -120,7 +121,8 @@ def test_near_duplicates_flag_leakage_and_conflicting_labels():
 
 
 def test_near_duplicate_pairs_across_blocks_match_every_pair_compared_and_keep_only_the_most_alike(monkeypatch):
-    monkeypatch.setattr(hard, "_SIMILARITY_BLOCK", 7)
+    monkeypatch.setattr(hard, "_SIMILARITY_ROWS", 7)
+    monkeypatch.setattr(hard, "_SIMILARITY_COLUMNS", 11)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 8))
     x[20:] = x[:20] + 0.3 * rng.normal(size=(20, 8))  # 20 pairs across blocks, some less alike than others
@@ -240,8 +242,8 @@ def test_a_flipped_halved_or_recompressed_copy_hashes_close_and_another_picture_
         original.resize((160, 120)),
         recompressed(original, 60),
     ]
-    hashes = hard.perceptual_hashes([original, *copies, photo(2), photo(3)])
-    distances = hard.hash_distances(hashes[:1], hashes)[0]
+    hashes = perceptual_hashes([original, *copies, photo(2), photo(3)])
+    distances = hash_distances(np.repeat(hashes[:1], len(hashes), axis=0), hashes)
     assert distances[0] == 0
     assert (distances[1:4] <= hard.NEAR_DUPLICATE_HASH_DISTANCE).all()
     assert (distances[4:] > 3 * hard.NEAR_DUPLICATE_HASH_DISTANCE).all()
@@ -253,7 +255,7 @@ def test_near_duplicates_are_found_by_either_measure_at_an_adjustable_threshold(
     x[1] = x[0] + 0.45 * rng.normal(size=64) * np.linalg.norm(x[0]) / 8  # about 0.9 alike
     similarity = float(normalize(x)[0] @ normalize(x)[1])
     assert 0.85 < similarity < 0.95
-    hashes = hard.perceptual_hashes([photo(n) for n in (10, 11, 12, 13, 13)])  # 3 and 4: the same picture
+    hashes = perceptual_hashes([photo(n) for n in (10, 11, 12, 13, 13)])  # 3 and 4: the same picture
     ids, splits = np.arange(5), np.array(["train", "train", "val", "train", "test"], dtype=object)
     queue = hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, hashes=hashes)
     assert {(r.image_id, r.other_image_id) for r in queue.itertuples()} == {(0, 1), (3, 4)}
@@ -262,3 +264,39 @@ def test_near_duplicates_are_found_by_either_measure_at_an_adjustable_threshold(
     strict = hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, hashes=hashes, threshold=0.95)
     assert strict[["image_id", "other_image_id"]].values.tolist() == [[3, 4]]
     assert hard.near_duplicate_queue(ids, splits, ["a"] * 5, x, threshold=0.95).empty
+
+
+def exact_near_duplicates(x: np.ndarray, hashes: np.ndarray, threshold: float, hash_distance: int) -> dict:
+    """Every pair compared in float64 and bit by bit: what the fast search must agree with."""
+    x = normalize(x)
+    found = {}
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            bits = int(hash_distances(hashes[i : i + 1], hashes[j : j + 1])[0])
+            similarity = float(x[i] @ x[j])
+            if similarity >= threshold or bits <= hash_distance:
+                found[(i, j)] = (similarity, bits)
+    return found
+
+
+def test_the_fast_near_duplicate_search_finds_exactly_the_pairs_a_float_comparison_finds(monkeypatch):
+    monkeypatch.setattr(hard, "_SIMILARITY_ROWS", 64)
+    monkeypatch.setattr(hard, "_SIMILARITY_COLUMNS", 200)
+    rng = np.random.default_rng(3)
+    # Clusters tight enough that many pairs fall within a hair of the threshold, on either side,
+    # and more rows and columns than one block of the search.
+    centres = rng.normal(size=(40, 96))
+    x = centres[rng.integers(0, 40, 700)] + rng.normal(scale=0.42, size=(700, 96))
+    hashes = rng.integers(0, 2**63, size=(700, 2), dtype=np.int64).view(np.uint64)
+    hashes[5] = hashes[600] ^ np.uint64(0b1011)  # 3 bits apart
+    hashes[650, 1] = hashes[7, 0]  # a mirrored copy
+    expected = exact_near_duplicates(x, hashes, 0.85, 4)
+    near_threshold = [v for v, _ in expected.values() if 0.85 <= v < 0.86]
+    assert len(expected) > 300 and near_threshold
+    pairs = hard.near_duplicate_pairs(x, hashes=hashes, threshold=0.85, hash_distance=4, limit=10**6)
+    assert {(i, j): (pytest.approx(v, abs=1e-5), bits) for i, j, v, bits in pairs} == expected
+    assert (5, 600) in expected and (7, 650) in expected
+    similarities = [v for _, _, v, _ in pairs]
+    assert similarities == sorted(similarities, reverse=True)
+    most_alike = hard.near_duplicate_pairs(x, hashes=hashes, threshold=0.85, hash_distance=4, limit=10)
+    assert most_alike == pairs[:10]

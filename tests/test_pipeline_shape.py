@@ -35,6 +35,7 @@ STAGE_OF = {
     "core.accounts": "catalog",
     "core.reviews": "catalog",
     "core.selection": "catalog",
+    "core.perceptual_hash": "catalog",
     "core.ingest": "ingest",
     # Work on cached feature vectors, without the network that made them.
     "core.similar": "embeddings",
