@@ -27,6 +27,7 @@ from sqlite_utils import Database
 from core import audit, images, selection
 from core.auth import Actor, authorize, can
 from core.errors import LoupeError
+from core.schema import decode_probabilities
 from core.workspace import get_setting
 
 SPLITS = ("train", "val", "test")
@@ -526,7 +527,7 @@ def current_predictions(db: Database) -> dict[int, tuple[str, float]]:
         "JOIN classes ON classes.id = p.predicted_class_id WHERE p.run_id = ?",
         [current_run_id(db)],
     )
-    return {r["image_id"]: (r["name"], float(max(json.loads(r["probs"])))) for r in rows}
+    return {r["image_id"]: (r["name"], max(decode_probabilities(r["probs"]), default=0.0)) for r in rows}
 
 
 def label_history(db: Database, image_id: int) -> list[dict]:

@@ -34,6 +34,7 @@ from sqlite_utils import Database
 
 from core import audit, catalog
 from core.auth import Actor, authorize
+from core.schema import encode_probabilities
 from core.catalog import now, write_transaction
 from core.config import ResolvedConfig, TrainConfig, authorize_run
 from core.errors import LoupeError
@@ -468,7 +469,7 @@ def finish_succeeded(
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db.conn.executemany(
             "INSERT INTO predictions (run_id, image_id, split, predicted_class_id, probs) VALUES (?, ?, ?, ?, ?)",
-            [(run_id, image_id, split, class_id, json.dumps(probs))
+            [(run_id, image_id, split, class_id, encode_probabilities(probs))
              for image_id, split, class_id, probs in predictions],
         )
         db.execute(

@@ -103,8 +103,8 @@ def run_classes(ws: Workspace, run_id: int) -> list[str]:
 def load_run_predictions(ws: Workspace, db: Database, run_id: int) -> RunPredictions:
     classes = run_classes(ws, run_id)
     index = {name: i for i, name in enumerate(classes)}
-    # Plain tuples and one parse of all probabilities: dict rows and parsing each row's JSON cost seconds
-    # at 100,000 predictions.
+    # Plain tuples, a list per column and one array of all probabilities: dict rows, zip(*rows) and
+    # per-row arrays cost a quarter of a second to seconds at 100,000 predictions.
     rows = db.execute(
         "SELECT p.image_id, p.split, p.probs, c.name AS label FROM predictions p "
         "LEFT JOIN run_items ri ON ri.run_id = p.run_id AND ri.image_id = p.image_id "
@@ -113,21 +113,17 @@ def load_run_predictions(ws: Workspace, db: Database, run_id: int) -> RunPredict
     ).fetchall()
     if not rows:
         raise LoupeError(f"Run #{run_id} has no stored predictions.")
-    image_ids, splits, probs, labels = zip(*rows)
-    damaged = LoupeError(f"Run #{run_id}'s stored predictions are damaged: train it again to measure it.")
-    try:
-        values = np.fromstring(",".join(p.strip("[] ") for p in probs), dtype=np.float64, sep=",")
-    except ValueError:
-        raise damaged from None
-    if values.size != len(rows) * len(classes):
-        raise damaged
+    probs = [row[2] for row in rows]
+    # Each row must hold one float32 for each class (core.schema.encode_probabilities).
+    if not all(isinstance(p, bytes) and len(p) == 4 * len(classes) for p in probs):
+        raise LoupeError(f"Run #{run_id}'s stored predictions are damaged: train it again to measure it.")
     return RunPredictions(
         run_id=run_id,
         classes=classes,
-        image_ids=np.array(image_ids, dtype=np.int64),
-        splits=np.array(splits, dtype=object),
-        probs=values.reshape(len(rows), len(classes)),
-        labels=np.array([index.get(label, NO_LABEL) for label in labels], dtype=np.int64),
+        image_ids=np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows)),
+        splits=np.array([row[1] for row in rows], dtype=object),
+        probs=np.frombuffer(b"".join(probs), dtype="<f4").astype(np.float64).reshape(len(rows), len(classes)),
+        labels=np.fromiter((index.get(row[3], NO_LABEL) for row in rows), dtype=np.int64, count=len(rows)),
     )
 
 

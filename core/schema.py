@@ -5,9 +5,32 @@ A migration is never edited once released; a change to the schema is a new funct
 
 from __future__ import annotations
 
+import json
+import sys
+from array import array
+from collections.abc import Iterable
+
 from sqlite_utils import Database, Migrations
 
 migrations = Migrations("loupe")
+
+
+def encode_probabilities(probs: Iterable[float]) -> bytes:
+    """A prediction's class probabilities as `predictions.probs` stores them: little-endian float32."""
+    values = array("f", probs)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def decode_probabilities(stored: object) -> array:
+    """What `encode_probabilities` stored; empty for anything else (a damaged or hostile catalog's value)."""
+    values = array("f")
+    if isinstance(stored, bytes) and len(stored) % values.itemsize == 0:
+        values.frombytes(stored)
+        if sys.byteorder == "big":
+            values.byteswap()
+    return values
 
 
 @migrations()
@@ -282,6 +305,24 @@ def add_perceptual_hashes(db: Database) -> None:
         ALTER TABLE images ADD COLUMN phash_mirrored INTEGER;
         """
     )
+
+
+@migrations()
+def store_probabilities_as_float32(db: Database) -> None:
+    # Probabilities as float32 bytes rather than JSON text: a fifth of the size, and reading a run's
+    # 100,000 predictions no longer parses 800,000 numbers (the Review page's first render spent a
+    # fifth of its second there). The column keeps its declared type: SQLite stores a blob as a blob
+    # in a TEXT column. A value that is not a JSON list of numbers becomes empty, which reads as damaged.
+    def encoded(text: str) -> bytes:
+        try:
+            values = json.loads(text)
+            return encode_probabilities(values) if isinstance(values, list) else b""
+        except (ValueError, TypeError, OverflowError):
+            return b""
+
+    rows = db.execute("SELECT rowid, probs FROM predictions WHERE typeof(probs) = 'text'").fetchall()
+    db.conn.executemany("UPDATE predictions SET probs = ? WHERE rowid = ?",
+                        [(encoded(text), rowid) for rowid, text in rows])
 
 
 def migrate(db: Database) -> None:

@@ -6,13 +6,13 @@ Kept apart from `core.hard` so that the Label page loads without PyTorch or scik
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 from sqlite_utils import Database
 
 from core import catalog, selection
 from core.errors import LoupeError
+from core.schema import decode_probabilities
 
 UNCERTAINTY_MEASURES = ("margin", "entropy")
 
@@ -57,7 +57,7 @@ def unsure_first_image_ids(db: Database, measure: str = "margin") -> list[int]:
     unseen = [r["id"] for r in rows if r["probs"] is None]
     if not seen:
         return unseen
-    probs = np.array([json.loads(r["probs"]) for r in seen])
+    probs = np.array([decode_probabilities(r["probs"]) for r in seen])
     order = np.argsort(-uncertainty(probs, measure), kind="stable")
     return [seen[i]["id"] for i in order] + unseen
 
@@ -86,4 +86,4 @@ def suggested_label(db: Database, image_id: int) -> tuple[str, float] | None:
     )
     if row is None or row["archived"]:
         return None
-    return row["name"], float(max(json.loads(row["probs"])))
+    return row["name"], max(decode_probabilities(row["probs"]), default=0.0)

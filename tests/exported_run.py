@@ -12,6 +12,7 @@ from core import images
 from core.backbones import get_spec
 from core.catalog import now
 from core.checkpoints import TrainedModel, run_checkpoint_path, save_checkpoint
+from core.schema import encode_probabilities
 from core.workspace import Workspace
 
 # timm's tiny test network: the same code paths as a real backbone at a fraction of the cost.
@@ -54,7 +55,7 @@ def make_succeeded_run(ws: Workspace, db: Database, trained: TrainedModel, curre
             )
             db.execute(
                 "INSERT INTO predictions (run_id, image_id, split, predicted_class_id, probs) VALUES (?, ?, ?, ?, ?)",
-                [run_id, row["id"], row["split"], class_ids[trained.classes[int(p.argmax())]], json.dumps(p.tolist())],
+                [run_id, row["id"], row["split"], class_ids[trained.classes[int(p.argmax())]], encode_probabilities(p)],
             )
     save_checkpoint(run_checkpoint_path(ws, run_id), trained)
     return run_id

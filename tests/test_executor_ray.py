@@ -17,6 +17,7 @@ from core import jobs
 from core.auth import ADMIN, Actor
 from core.config import PRESETS
 from core.jobs import RunStatus
+from core.schema import decode_probabilities
 from core.workspace import connect, open_workspace
 from tests.conftest import ROOT, TWO_CLASSES, add_labelled_images
 
@@ -67,9 +68,7 @@ def run_on(ws, db, executor: str, config) -> dict:
 
 
 def predictions(db, run_id: int) -> dict[int, list[float]]:
-    import json
-
-    return {r["image_id"]: json.loads(r["probs"]) for r in db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id])}
+    return {r["image_id"]: list(decode_probabilities(r["probs"])) for r in db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id])}
 
 
 def start_in_thread(ws, db, config) -> tuple[int, threading.Thread, dict]:

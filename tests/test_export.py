@@ -11,6 +11,7 @@ from core import bundle_predict, catalog, export, images, selection
 from core.catalog import now
 from core.errors import LoupeError
 from core.images import open_image_rgb
+from core.schema import decode_probabilities
 from core.workspace import connect, open_workspace
 from tests.conftest import TESTER, add_labelled_images
 from tests.exported_run import make_succeeded_run, tiny_model
@@ -98,7 +99,7 @@ def test_bundle_matches_pytorch_and_the_stored_predictions(exported):
     one_by_one = np.concatenate([predictor.predict_images([image]) for image in rgb])
     batched = predictor.predict_images(rgb, batch_size=4)
     stored = {
-        r["image_id"]: json.loads(r["probs"])
+        r["image_id"]: list(decode_probabilities(r["probs"]))
         for r in db.query("SELECT image_id, probs FROM predictions WHERE run_id = ?", [run_id])
     }
     stored_probs = np.array([stored[r["image_id"]] for r in rows])

@@ -12,6 +12,7 @@ from core.catalog import now
 from core.config import PRESETS, ResolvedConfig
 from core.errors import LoupeError
 from core.jobs import RunStatus
+from core.schema import decode_probabilities
 from tests.conftest import add_labelled_images
 
 ACTOR = Actor("tester", ADMIN)
@@ -261,8 +262,8 @@ def test_finish_succeeded_stores_predictions_metrics_and_the_resolved_config_and
     assert run["resolved_config"] == as_run
     assert jobs.run_config(run) == ResolvedConfig(**as_run)
     row = next(db.query("SELECT * FROM predictions WHERE run_id = ?", [run_id]))
-    assert (row["image_id"], row["split"], row["predicted_class_id"], json.loads(row["probs"])) == (
-        1, "val", red, [0.9, 0.1]
+    assert (row["image_id"], row["split"], row["predicted_class_id"], list(decode_probabilities(row["probs"]))) == (
+        1, "val", red, pytest.approx([0.9, 0.1])
     )
 
 

@@ -1,9 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 
 from core import catalog, ingest
 from core.auth import Actor
 from core.errors import LoupeError
+from core.schema import encode_probabilities, store_probabilities_as_float32
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from core.metrics import (
@@ -110,11 +113,28 @@ def test_run_predictions_come_from_the_catalog_and_keep_the_labels_of_their_run(
     assert split_metrics(load_run_predictions(workspace, db, run), "val").accuracy == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("stored", ["[0.5, oops]", "[0.5]", "[0.5, 0.5, 0.5]"])
+@pytest.mark.parametrize("stored", ["[0.5, 0.5]", encode_probabilities([0.5]), encode_probabilities([0.5] * 3),
+                                    b"\x00\x01\x02"])
 def test_damaged_stored_predictions_are_a_clear_error(workspace, db, make_run, four_val_images, stored):
     ids = four_val_images
     run = make_run({i: p for i, p in zip(ids, HAND.probs.tolist())})
     db.execute("UPDATE predictions SET probs = ? WHERE run_id = ? AND image_id = ?", [stored, run, ids[2]])
+    with pytest.raises(LoupeError, match="damaged: train it again"):
+        load_run_predictions(workspace, db, run)
+
+
+def test_predictions_an_older_loupe_stored_as_json_read_the_same_after_the_upgrade(workspace, db, make_run,
+                                                                                   four_val_images):
+    ids = four_val_images
+    run = make_run({i: p for i, p in zip(ids, HAND.probs.tolist())})
+    before = load_run_predictions(workspace, db, run).probs
+    for n, image_id in enumerate(ids):
+        db.execute("UPDATE predictions SET probs = ? WHERE run_id = ? AND image_id = ?",
+                   [json.dumps(before[n].tolist()), run, image_id])
+    store_probabilities_as_float32(db)
+    np.testing.assert_array_equal(load_run_predictions(workspace, db, run).probs, before)
+    db.execute("UPDATE predictions SET probs = '[0.5, oops]' WHERE run_id = ? AND image_id = ?", [run, ids[0]])
+    store_probabilities_as_float32(db)
     with pytest.raises(LoupeError, match="damaged: train it again"):
         load_run_predictions(workspace, db, run)
 
