@@ -19,7 +19,7 @@ from pathlib import Path
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
 from core.explain import CAM_METHODS, display_overlay, explain, prepare_for_cam
-from core.images import open_image_rgb
+from core.images import DEFAULT_DECODE_BUDGET_BYTES, open_image_rgb
 from core.workspace import Workspace, atomic_file, workspace_writes
 
 CAM_FOLDER = "cams"
@@ -36,6 +36,8 @@ class CamRequest:
     image_id: int
     image_path: str
     class_index: int
+    # The workspace's decode budget: this class runs in a thread of its own, away from any catalog.
+    budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES
 
 
 def cam_path(ws: Workspace, run_id: int, image_id: int, class_index: int, method: str = "gradcam") -> Path:
@@ -52,9 +54,10 @@ def cached_cam(ws: Workspace, run_id: int, image_id: int, class_index: int, meth
         return None
 
 
-def render_cam(trained: TrainedModel, image_path: str | Path, class_index: int, *, method: str = "gradcam") -> bytes:
-    """The map for `class_index` over the image, shrunk to `CAM_SIDE`, as JPEG bytes."""
-    image = open_image_rgb(image_path)
+def render_cam(trained: TrainedModel, image_path: str | Path, class_index: int, *, method: str = "gradcam",
+               budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES) -> bytes:
+    """The map for `class_index` over the image (decoded within `budget_bytes`), shrunk to `CAM_SIDE`, as JPEG bytes."""
+    image = open_image_rgb(image_path, budget_bytes=budget_bytes)
     picture = display_overlay(image, explain(trained, image, class_index, method), side=CAM_SIDE, opacity=CAM_OPACITY)
     out = BytesIO()
     picture.save(out, format="JPEG", quality=85)
@@ -98,7 +101,8 @@ class CamService:
             cached = cached_cam(ws, run_id, request.image_id, request.class_index, method)
             if cached is not None:
                 return cached
-            data = render_cam(self.model(ws, run_id), ws.root / request.image_path, request.class_index, method=method)
+            data = render_cam(self.model(ws, run_id), ws.root / request.image_path, request.class_index, method=method,
+                              budget_bytes=request.budget_bytes)
             path = cam_path(ws, run_id, request.image_id, request.class_index, method)
             # A full disk or a read-only workspace is said as such, with what to do, not as a traceback.
             with workspace_writes(ws), atomic_file(path) as f:

@@ -14,7 +14,7 @@ from sqlite_utils import Database
 from core import accounts, audit, serve
 from core.auth import ADMIN, Actor, can
 from core.errors import LoupeError
-from core.workspace import Workspace, connect, default_workspace_path, open_workspace
+from core.workspace import Workspace, connect, decode_budget_bytes, default_workspace_path, open_workspace
 
 
 @st.cache_resource
@@ -29,6 +29,11 @@ def workspace() -> Workspace:
 def db() -> Database:
     """A connection for this rerun only: sqlite3 connections belong to the thread that opened them."""
     return connect(workspace())
+
+
+def decode_budget() -> int:
+    """The workspace's decode budget, for the pictures pages draw from stored images."""
+    return decode_budget_bytes(db())
 
 
 # ---------------------------------------------------------------- who is acting

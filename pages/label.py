@@ -48,9 +48,9 @@ def run_action(action, *args) -> None:
 
 
 @st.cache_data(max_entries=1024, show_spinner=False)
-def preview_url(path: str, thumb_path: str) -> str:
+def preview_url(path: str, thumb_path: str, budget_bytes: int) -> str:
     try:
-        data = images.preview_jpeg(path, PREVIEW_SIDE)
+        data = images.preview_jpeg(path, PREVIEW_SIDE, budget_bytes=budget_bytes)
     except LoupeError:
         return thumb_url(thumb_path)  # a stored file that no longer decodes still shows its thumbnail
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
@@ -275,7 +275,8 @@ def focus_item(db, image_id: int, *, with_picture: bool) -> dict:
     suggestion = uncertainty.suggested_label(db, image_id) if image["label"] is None else None
     return {
         "id": image_id,
-        "src": preview_url(stored(image["path"]), stored(image["thumb_path"])) if with_picture else None,
+        "src": (preview_url(stored(image["path"]), stored(image["thumb_path"]), state.decode_budget())
+                if with_picture else None),
         "name": image["original_name"],
         "caption": f"{image['width']}×{image['height']} {image['format']} · split: {image['split'] or 'not yet'}",
         "label": image["label"],

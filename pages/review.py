@@ -61,10 +61,11 @@ def _cams() -> CamService:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _heatmap(root: str, run_id: int, image_path: str, class_index: int, method: str) -> np.ndarray:
+def _heatmap(root: str, run_id: int, image_path: str, class_index: int, method: str, budget_bytes: int) -> np.ndarray:
     service = _cams()
     with service.lock:
-        return explain(service.model(Workspace(Path(root)), run_id), open_image_rgb(image_path), class_index, method)
+        image = open_image_rgb(image_path, budget_bytes=budget_bytes)
+        return explain(service.model(Workspace(Path(root)), run_id), image, class_index, method)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -503,7 +504,7 @@ def _thumb_url(path: str) -> str:
 @st.cache_data(max_entries=256, show_spinner=False)
 def _preview_url(path: str) -> str | None:
     try:
-        return _jpeg_url(images.preview_jpeg(path, CAM_SIDE))
+        return _jpeg_url(images.preview_jpeg(path, CAM_SIDE, budget_bytes=state.decode_budget()))
     except LoupeError:
         return None
 
@@ -583,7 +584,7 @@ def _window_item(ws: Workspace, run_id: int, predictions: RunPredictions, rows: 
     service = _cams()
     cams, note = [], None
     for title, class_index in _cam_classes(predictions, rows.get(image["id"]), image["label"]):
-        request = CamRequest(image["id"], image["path"], class_index)
+        request = CamRequest(image["id"], image["path"], class_index, state.decode_budget())
         src = None
         try:
             if with_pictures and compute:
@@ -632,7 +633,7 @@ def review_gallery_section(root: str, run_id: int, predictions: RunPredictions, 
         requests = []
         for image_id in shown:
             image = catalog.get_image(db, image_id)
-            requests += [CamRequest(image_id, image["path"], c)
+            requests += [CamRequest(image_id, image["path"], c, state.decode_budget())
                          for _, c in _cam_classes(predictions, rows.get(image_id), image["label"])]
         _cams().ahead(ws, run_id, requests)
     window = []
@@ -753,7 +754,7 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
         if can(state.actor(), "review"):
             decisions(image_id, classes, image["label"], summary["excluded"])
     with picture:
-        original = open_image_rgb(ws.root / image["path"])
+        original = open_image_rgb(ws.root / image["path"], budget_bytes=state.decode_budget())
         if probs is None:
             st.image(_display_copy(original))
         else:
@@ -764,7 +765,8 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
             opacity = controls[2].slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="cam_opacity")
             try:
                 with st.spinner("Computing the heat map…"):
-                    heat = _heatmap(root, run_id, str(ws.root / image["path"]), classes.index(explained), method)
+                    heat = _heatmap(root, run_id, str(ws.root / image["path"]), classes.index(explained), method,
+                                    state.decode_budget())
             except LoupeError as exc:
                 st.error(state.literal(str(exc)))
                 st.image(_display_copy(original))

@@ -4,10 +4,11 @@ import time
 import pytest
 import torch
 
-from core import cam_cache, catalog
+from core import cam_cache, catalog, ingest
 from core.cam_cache import CamRequest, CamService, cached_cam, cam_path
 from core.errors import LoupeError
-from tests.conftest import add_labelled_images
+from core.images import MIN_DECODE_BUDGET_BYTES
+from tests.conftest import TESTER, add_labelled_images, image_bytes
 
 torch.set_num_threads(1)
 
@@ -97,3 +98,13 @@ def test_a_newer_queue_supersedes_the_maps_still_waiting_for_an_older_one(worksp
 def test_an_unknown_method_is_refused(workspace):
     with pytest.raises(LoupeError, match="Unknown explanation method"):
         cam_path(workspace, 1, 1, 0, "saliency")
+
+
+def test_a_map_decodes_its_image_within_the_budget_the_request_carries(workspace, db, run_with_images):
+    run_id, _ = run_with_images
+    # 2400 x 2400 RGB decodes to 17 MB: within the default budget, over the smallest one allowed.
+    large = ingest.ingest_bytes(workspace, db, image_bytes((9, 90, 9), (2400, 2400)), "large.png", actor=TESTER)
+    path = catalog.get_image(db, large.image_id)["path"]
+    with pytest.raises(LoupeError, match="decode"):
+        CamService().cam(workspace, run_id, CamRequest(large.image_id, path, 0, MIN_DECODE_BUDGET_BYTES))
+    assert CamService().cam(workspace, run_id, CamRequest(large.image_id, path, 0))[:2] == b"\xff\xd8"

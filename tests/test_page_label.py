@@ -2,17 +2,21 @@
 and what it does with the events the component reports. The browser side is in test_browser_label.py."""
 
 import ast
+import base64
+import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import catalog, embedding_map, ingest, similar
 from core.auth import ADMIN, Actor
 from core.errors import LoupeError
+from core.images import MIN_DECODE_BUDGET_BYTES, THUMB_SIZE
 from dashboard.components import class_keys, read_outbox
 from dashboard.state import literal
 from tests.conftest import APP, ROOT, image_bytes
@@ -72,6 +76,26 @@ def test_focus_mode_sends_a_window_of_unlabelled_images_with_their_keys(label_pa
     assert all(item["src"].startswith("data:image/jpeg;base64,") for item in data["window"])
     assert data["classes"] == [{"name": "ants", "key": "1"}, {"name": "bees", "key": "2"}]
     assert data["remaining"] == 4 and data["acked"] == []
+
+
+def test_a_preview_is_decoded_within_the_workspace_decode_budget(label_page, db, app_workspace):
+    _, ids = label_page
+    for image_id in ids:
+        catalog.set_label(db, image_id, "ants", actor=ANA)
+    # 2400 x 2400 RGB decodes to 17 MB: within the default budget, over the smallest one allowed.
+    ingest.ingest_bytes(app_workspace, db, image_bytes((9, 90, 9), (2400, 2400)), "large.png", actor=ANA)
+
+    def shown_side() -> int:
+        # A new session each time: a session sends each picture to its browser once.
+        fresh = AppTest.from_file(str(APP), default_timeout=30).run()
+        fresh.text_input(key="user").input("ana").run()
+        fresh.switch_page("../pages/label.py").run()
+        [item] = focus(fresh)["window"]
+        return max(Image.open(io.BytesIO(base64.b64decode(item["src"].split(",", 1)[1]))).size)
+
+    assert shown_side() > THUMB_SIZE  # a preview of the stored image
+    catalog.set_decode_budget_bytes(db, MIN_DECODE_BUDGET_BYTES, actor=ANA)
+    assert shown_side() <= THUMB_SIZE  # the workspace refuses to decode it: its thumbnail stands in
 
 
 def test_reported_events_are_applied_once_and_acknowledged(label_page, db):
