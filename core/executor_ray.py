@@ -1,9 +1,10 @@
-"""The `ray` executor: training and embedding on an existing Ray cluster (`pip install -e ".[ray]"`).
+"""The `ray` executor: training, embedding and other work (a model's export) on an existing Ray
+cluster (`pip install -e ".[ray]"`).
 
 The worker process is the local side: it reads the images' bytes and the cached embeddings from
 the workspace and hands them to Ray's object store (`ray.put`); the remote side gets bytes and
 vectors, never a path into the workspace, and never opens the catalog. Results come back to the
-local side, which writes the checkpoint, the predictions and the new embeddings.
+local side, which writes the checkpoint, the predictions, the new embeddings and the bundle.
 
 Progress and cancel go through a small actor per job (`JobChannel`, named `loupe-job-ID`): the
 remote side reports to it and asks it whether to stop; the local side relays its reports to the
@@ -17,7 +18,7 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from core.embeddings import (
     feature_extractor,
 )
 from core.errors import LoupeError
-from core.executors import missing_items
+from core.executors import T, missing_items
 from core.images import decode_image, read_image_file
 from core.selection import TrainDataset, TrainItem
 from core.workspace import decode_budget_bytes
@@ -76,6 +77,7 @@ class JobChannel:
         return self._pid
 
     def report(self, kind: str, payload: dict) -> None:
+        """`progress` and `epoch` from training (their fields), `step` from other work (its message)."""
         self._updates.append((kind, payload))
 
     def drain(self) -> list[tuple[str, dict]]:
@@ -147,6 +149,26 @@ def _train_task(
     return result, cache.computed
 
 
+@ray.remote(max_retries=0)
+def _work_task(work: Callable, files: dict[str, list[tuple[str, bytes]]], kwargs: dict, channel):
+    """`work` on the cluster, its file arguments written to a scratch folder of its own, under their names."""
+    channel.started.remote(os.getpid())
+    with tempfile.TemporaryDirectory(prefix="loupe-job-") as scratch:
+        paths: dict[str, list[Path]] = {}
+        for argument, named in files.items():
+            paths[argument] = []
+            for index, (name, data) in enumerate(named):
+                # One folder a file: two files of a list may share a name, and errors name the file.
+                path = Path(scratch, argument, str(index), name)
+                path.parent.mkdir(parents=True)
+                path.write_bytes(data)
+                paths[argument].append(path)
+        def on_step(message: str) -> None:
+            channel.report.remote("step", {"message": message})
+
+        return work(**paths, **kwargs, on_step=on_step)
+
+
 @ray.remote(num_cpus=1, max_restarts=0)
 class Embedder:
     """One backbone kept loaded on a cluster worker, embedding shards of image bytes."""
@@ -207,28 +229,28 @@ class RayExecutor:
         images = {sha256: read_image_file(path) for sha256, path in needed.items()}
         items = [(i.image_id, i.sha256, i.label, i.split, i.short_side) for i in dataset.items]
         channel = JobChannel.options(name=CHANNEL_NAME.format(job_id=job_id)).remote()
+
+        def relay(kind: str, payload: dict) -> None:
+            if kind == "progress":
+                reporter.progress(Progress(**payload))
+            else:
+                reporter.epoch(EpochMetrics(**payload))
+
+        def pass_cancel_on() -> None:
+            # Training stops itself at its next batch and says so (TrainingCancelled) through its value.
+            if reporter.should_stop():
+                channel.request_stop.remote()
+
         try:
             task = _train_task.options(num_gpus=1 if config.device == "cuda" else 0).remote(
                 config.to_dict(), list(dataset.classes), items, ray.put(images), key, ray.put(vectors), channel,
             )
-            result, computed = self._wait(task, channel, reporter)
+            result, computed = _wait(task, channel, relay, pass_cancel_on)
         finally:
             ray.kill(channel)
         if computed:
             cache.put_many(key, computed)
         return result
-
-    def _wait(self, task, channel, reporter: Reporter):
-        """The task's value, relaying its progress meanwhile and passing a cancel on to it."""
-        stop_sent = False
-        while True:
-            ready, _ = ray.wait([task], timeout=POLL_SECONDS)
-            _relay(channel, reporter)
-            if ready:
-                return _value(task)
-            if not stop_sent and reporter.should_stop():
-                channel.request_stop.remote()
-                stop_sent = True
 
     def embed(
         self,
@@ -279,17 +301,65 @@ class RayExecutor:
                 ray.kill(actor)
         return len(missing)
 
+    def run(
+        self,
+        job_id: int,
+        work: Callable[..., T],
+        *,
+        files: Mapping[str, Sequence[Path]],
+        on_step: Callable[[str], None],
+        **kwargs,
+    ) -> T:
+        shipped = {argument: [_named_bytes(Path(path)) for path in paths] for argument, paths in files.items()}
+        channel = JobChannel.options(name=CHANNEL_NAME.format(job_id=job_id)).remote()
+        latest: list[str] = []
+
+        def relay(kind: str, payload: dict) -> None:
+            latest[:] = [payload["message"]]
+            on_step(payload["message"])
+
+        def ask_again() -> None:
+            # on_step is the cancel point: asked again while a step runs, a cancel need not wait for the next one.
+            if latest:
+                on_step(latest[0])
+
+        try:
+            task = _work_task.remote(work, ray.put(shipped), kwargs, channel)
+            return _wait(task, channel, relay, ask_again)
+        finally:
+            ray.kill(channel)
+
     def close(self) -> None:
         if self._connected_here and ray.is_initialized():
             ray.shutdown()
 
 
-def _relay(channel, reporter: Reporter) -> None:
-    for kind, payload in ray.get(channel.drain.remote()):
-        if kind == "progress":
-            reporter.progress(Progress(**payload))
-        else:
-            reporter.epoch(EpochMetrics(**payload))
+def _wait(task, channel, relay: Callable[[str, dict], None], poll: Callable[[], None]):
+    """The task's value, passing each report on its channel to `relay(kind, payload)` and calling `poll()`
+    while it runs. An exception either raises (a cancel, a report that could not be written) kills the task."""
+    try:
+        while True:
+            ready, _ = ray.wait([task], timeout=POLL_SECONDS)
+            for kind, payload in ray.get(channel.drain.remote()):
+                relay(kind, payload)
+            if ready:
+                break
+            poll()
+    except BaseException:
+        # Nothing will wait for the task any more: free its worker rather than let it run on unseen.
+        ray.cancel(task, force=True)
+        raise
+    return _value(task)
+
+
+def _named_bytes(path: Path) -> tuple[str, bytes]:
+    try:
+        return path.name, read_image_file(path)
+    except LoupeError as exc:
+        raise LoupeError(
+            f"The stored image {path} cannot be sent to the Ray cluster ({exc}): restore the workspace's "
+            "images from a backup."
+        ) from None
 
 
 def _value(ref):

@@ -1,16 +1,18 @@
 """Where a job's heavy work runs: `local`, in the warm worker process, or `ray`, on a Ray cluster.
 
-An executor trains and embeds; the worker that holds it reads the inputs from the workspace and
-alone writes the results back to the workspace and the catalog. Exports, dataset exports and
-backups write the workspace's own files, so they run in the worker whichever the executor.
+An executor trains, embeds and runs other CPU-heavy work handed to it (a model's conversion for
+export); the worker that holds it reads the inputs from the workspace and alone writes the results
+back to the workspace and the catalog. Dataset exports and backups only copy the workspace's own
+files, so they run in the worker whichever the executor.
 `core.worker.make_executor` gives the one the workspace's settings name (see core.jobs.set_executor).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 from sqlite_utils import Database
@@ -24,6 +26,8 @@ from core.workspace import decode_budget_bytes
 
 # Vectors kept in the worker's memory between jobs: about 330 MB of Lite0's 1280 floats.
 WARM_VECTORS = 64_000
+
+T = TypeVar("T")
 
 
 class Executor(Protocol):
@@ -46,6 +50,24 @@ class Executor(Protocol):
         """Compute and cache the vectors of `items` the cache lacks, by `config`'s backbone on its device
         through `preprocessing`; how many were computed. `progress(done, total)` after each batch; an
         exception it raises stops the work."""
+
+    def run(
+        self,
+        job_id: int,
+        work: Callable[..., T],
+        *,
+        files: Mapping[str, Sequence[Path]],
+        on_step: Callable[[str], None],
+        **kwargs,
+    ) -> T:
+        """`work(**files, **kwargs, on_step=...)` on this executor, and its value; raises what it raises.
+
+        `files` maps each of `work`'s arguments that is a list of files to read to that list: an executor
+        that runs `work` elsewhere sends the files' bytes and passes paths of its own, in the same order
+        (`work` and `kwargs` must pickle). `work` reports its steps to `on_step(message)`, which is also the
+        cancel point: an exception it raises stops the work. Such an executor also calls `on_step` again
+        with the latest message while it waits, so a cancel stops the work within a step too.
+        """
 
     def close(self) -> None: ...
 
@@ -109,6 +131,17 @@ class LocalExecutor:
         embed_images(cache, config.backbone, missing, progress, config.weights_path,
                      resolve_device(config.device), preprocessing, budget_bytes=decode_budget_bytes(cache.db))
         return len(missing)
+
+    def run(
+        self,
+        job_id: int,
+        work: Callable[..., T],
+        *,
+        files: Mapping[str, Sequence[Path]],
+        on_step: Callable[[str], None],
+        **kwargs,
+    ) -> T:
+        return work(**files, **kwargs, on_step=on_step)
 
     def close(self) -> None:
         pass

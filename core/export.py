@@ -16,9 +16,9 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ from core.auth import Actor, authorize
 from core.backbones import Preprocessing
 from core.checkpoints import TrainedModel, load_run_model
 from core.errors import LoupeError
+from core.executors import Executor, LocalExecutor
 from core.selection import run_snapshot
 from core.workspace import Workspace, atomic_file, decode_budget_bytes
 
@@ -93,6 +94,16 @@ class Int8Figures:
     @property
     def speedup(self) -> float:
         return self.int8_images_per_s / self.fp32_images_per_s
+
+
+@dataclass
+class ConvertedModel:
+    """A run's model converted and verified, before any bundle: what `convert_model` sends back."""
+
+    members: dict[str, bytes]  # bundle member -> bytes: model.onnx, and model.int8.onnx when asked for
+    checks: ExportChecks
+    probs: np.ndarray  # onnxruntime's probabilities on the validation images, in their order
+    int8: Int8Figures | None = None
 
 
 @dataclass
@@ -391,9 +402,11 @@ def export_run(
     on_step: Callable[[str], None] | None = None,
     *,
     actor: Actor,
+    executor: Executor | None = None,
 ) -> ExportReport:
     """Export a succeeded run (the current model by default) to a verified bundle at `out_path`,
-    as `actor` (whose role must allow `export_model`; the export is audited).
+    as `actor` (whose role must allow `export_model`; the export is audited). The conversion and
+    its checks run on `executor` (here by default); the bundle is written here.
 
     The bundle is written only after every check passed; a failed check raises LoupeError and
     leaves `out_path` untouched.
@@ -416,31 +429,19 @@ def export_run(
     metadata = onnx_metadata(trained, run_id, dataset_hash)
     config = preprocess_config(trained.preprocessing, decode_budget_bytes=decode_budget_bytes(db))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32_path = Path(tmp) / bundle_predict.MODEL_FILE
-        step("Exporting to ONNX")
-        export_onnx(trained, fp32_path, metadata)
-        step(f"Checking onnxruntime against PyTorch on {len(val_paths)} validation images")
-        checks, probs = verify_export(fp32_path, trained, val_paths, config=config)
-        val_accuracy = float((probs.argmax(1) == val_labels).mean())
-        members = {bundle_predict.MODEL_FILE: fp32_path.read_bytes()}
-
-        figures = None
-        if int8:
-            step("Quantising to int8")
-            int8_path = Path(tmp) / bundle_predict.INT8_MODEL_FILE
-            train_rows = [r for r in snapshot if r["split"] == "train"]
-            stride = max(1, len(train_rows) // MAX_CALIBRATION_IMAGES)
-            calibration_rows = (train_rows or val_rows)[::stride][:MAX_CALIBRATION_IMAGES]
-            calibration = [
-                bundle_predict.preprocess(bundle_predict.load_image(ws.root / r["path"], config), config)[None]
-                for r in calibration_rows
-            ]
-            quantise_int8(fp32_path, int8_path, calibration, metadata)
-            figures = compare_int8(
-                fp32_path, int8_path, trained.classes, config, val_paths, val_labels, len(calibration)
-            )
-            members[bundle_predict.INT8_MODEL_FILE] = int8_path.read_bytes()
+    calibration_paths = [ws.root / r["path"] for r in _calibration_rows(snapshot, val_rows)] if int8 else []
+    converted = (executor or LocalExecutor()).run(
+        run_id,
+        convert_model,
+        files={"val_paths": val_paths, "calibration_paths": calibration_paths},
+        on_step=step,
+        trained=trained,
+        metadata=metadata,
+        config=config,
+        val_labels=val_labels,
+    )
+    checks, probs, figures = converted.checks, converted.probs, converted.int8
+    val_accuracy = float((probs.argmax(1) == val_labels).mean())
 
     step("Writing the model card and the bundle")
     val_predictions = metrics.RunPredictions(
@@ -465,7 +466,7 @@ def export_run(
             confusion_image=CONFUSION_IMAGE,
         )
     )
-    members |= {
+    members = converted.members | {
         "labels.json": json.dumps(trained.classes, indent=2).encode(),
         "preprocess.json": json.dumps(config, indent=2).encode(),
         MODEL_CARD: card.encode(),
@@ -486,6 +487,52 @@ def export_run(
         int8=figures,
         metadata=metadata,
     )
+
+
+def convert_model(
+    trained: TrainedModel,
+    *,
+    metadata: dict[str, str],
+    config: dict,
+    val_paths: Sequence[Path],
+    val_labels: np.ndarray,
+    calibration_paths: Sequence[Path] = (),
+    on_step: Callable[[str], None],
+) -> ConvertedModel:
+    """The model as ONNX, checked against PyTorch on the image files `val_paths`, and with
+    `calibration_paths` an int8 model calibrated on those files and compared with it on the same.
+
+    The heavy part of an export, over files alone (no catalog, no workspace), so any executor can
+    run it. Raises LoupeError when a check fails.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path = Path(tmp) / bundle_predict.MODEL_FILE
+        on_step("Exporting to ONNX")
+        export_onnx(trained, fp32_path, metadata)
+        on_step(f"Checking onnxruntime against PyTorch on {len(val_paths)} validation images")
+        checks, probs = verify_export(fp32_path, trained, list(val_paths), config=config)
+        members = {bundle_predict.MODEL_FILE: fp32_path.read_bytes()}
+        if not calibration_paths:
+            return ConvertedModel(members, checks, probs)
+        on_step("Quantising to int8")
+        int8_path = Path(tmp) / bundle_predict.INT8_MODEL_FILE
+        calibration = [
+            bundle_predict.preprocess(bundle_predict.load_image(path, config), config)[None]
+            for path in calibration_paths
+        ]
+        quantise_int8(fp32_path, int8_path, calibration, metadata)
+        figures = compare_int8(
+            fp32_path, int8_path, trained.classes, config, list(val_paths), val_labels, len(calibration)
+        )
+        members[bundle_predict.INT8_MODEL_FILE] = int8_path.read_bytes()
+        return ConvertedModel(members, checks, probs, figures)
+
+
+def _calibration_rows(snapshot: list[dict], val_rows: list[dict]) -> list[dict]:
+    """Up to MAX_CALIBRATION_IMAGES spread over the run's train images (its validation ones if it has none)."""
+    train_rows = [r for r in snapshot if r["split"] == "train"]
+    stride = max(1, len(train_rows) // MAX_CALIBRATION_IMAGES)
+    return (train_rows or val_rows)[::stride][:MAX_CALIBRATION_IMAGES]
 
 
 def compare_int8(

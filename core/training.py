@@ -277,12 +277,6 @@ def augmentation_transform(preset: str, pre: Preprocessing, size: int) -> Callab
     )
 
 
-def _cpu_has_native_bf16() -> bool:
-    # bf16 autocast only pays where the CPU computes in bf16 natively; elsewhere it is slower.
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 @dataclass
 class _Best:
     epoch: int = 0
@@ -584,14 +578,18 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 def trainable_parts(
     model: nn.Module, strategy: str, unfreeze_blocks: int
 ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Module]]:
-    """What fine-tuning trains: (the new layer's parameters, the backbone's, the frozen modules).
+    """What fine-tuning trains: (the new layer's parameters, the backbone's, the modules kept in eval mode).
 
     `finetune` trains everything; `two_stage` the last `unfreeze_blocks` blocks and the layers after them.
     """
     head = model.get_classifier()
     head_ids = {id(p) for p in head.parameters()}
+    # Batch-norm layers keep the statistics the head was fitted on. With batch statistics, the first
+    # fine-tuning epoch on magtile6 (two_stage, Lite0, 224 px) reached a training loss of 81 and
+    # validation macro-F1 0.145 from the head's 0.879; with the running ones, 2.15 and 0.537.
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if strategy != "two_stage":
-        return list(head.parameters()), [p for p in model.parameters() if id(p) not in head_ids], []
+        return list(head.parameters()), [p for p in model.parameters() if id(p) not in head_ids], batch_norms
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise LoupeError("two_stage needs a backbone built of blocks (EfficientNet, MobileNet and the like).")
@@ -599,17 +597,16 @@ def trainable_parts(
     frozen = [m for name, m in model.named_children() if name in ("conv_stem", "bn1")] + list(blocks)[:cut]
     frozen_ids = {id(p) for m in frozen for p in m.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in head_ids and id(p) not in frozen_ids]
-    return list(head.parameters()), backbone, frozen
+    return list(head.parameters()), backbone, frozen + batch_norms
 
 
 def _mixed_precision(device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
-    """AMP on CUDA; bf16 on CPUs that compute it natively; full precision elsewhere."""
+    """AMP on CUDA; full precision on a CPU. Even on a CPU with native bf16 (AVX512-BF16), training
+    Lite0 in channels_last ran 17.8 images/s in float32 and 13.9 under bf16 autocast."""
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
     return contextlib.nullcontext, None
 
 

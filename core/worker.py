@@ -3,9 +3,9 @@
 It registers itself in the catalog's `workers` table, beats a heartbeat from a thread, and takes
 the oldest queued job (`core.jobs.claim_next`) whenever it is free: training runs, embeddings,
 exports, dataset exports and backups. PyTorch, the backbone and the embeddings used lately stay
-loaded between jobs, so a quick retrain costs its own seconds only. The heavy part of training and
-embedding runs on the workspace's executor (core.executors: here, or on a Ray cluster); everything
-a job writes to the workspace and the catalog is written here. After WORKER_IDLE_EXIT_SECONDS
+loaded between jobs, so a quick retrain costs its own seconds only. The heavy part of training,
+embedding and a model's export runs on the workspace's executor (core.executors: here, or on a Ray
+cluster); everything a job writes to the workspace and the catalog is written here. After WORKER_IDLE_EXIT_SECONDS
 without a job it exits; the next queued job starts another.
 
 `python -m core.worker RUN_ID` runs that one queued job and exits.
@@ -203,12 +203,14 @@ def execute_embed(ws: Workspace, db: Database, job_id: int, reporter: CatalogRep
 
 # Exports and backups run as the person who queued them (core.jobs.requester): their role is checked
 # again here, and the audit log names them.
-def execute_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, **_) -> dict:
+def execute_export(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, *, executor: Executor,
+                   **_) -> dict:
+    """Export the job's run: its conversion and checks on `executor`, the bundle written here."""
     job = jobs.get_run(db, job_id)
     params = job["params"]
     out = ws.root / "exports" / f"loupe-model-run-{int(params['run_id'])}.zip"
     report = export_run(ws, db, out, run_id=int(params["run_id"]), int8=bool(params.get("int8")),
-                        on_step=reporter.step, actor=jobs.requester(job))
+                        on_step=reporter.step, actor=jobs.requester(job), executor=executor)
     return export_result(report)
 
 

@@ -10,6 +10,7 @@ from core.config import TrainConfig
 from core.embeddings import EmbeddingCache, cache_key
 from core.errors import LoupeError
 from core.executors import LocalExecutor, WarmEmbeddingCache, WarmVectors, missing_items
+from core.jobs import JobCancelled
 from core.selection import TrainItem
 from core.worker import make_executor
 
@@ -63,3 +64,22 @@ def test_an_unknown_executor_is_refused_and_ray_missing_says_how_to_install_it(m
     with pytest.raises(LoupeError, match=r'pip install -e "\.\[ray\]"'):
         make_executor("ray", "10.0.0.5:6379")
     assert make_executor("local").name == "local"
+
+
+def test_the_local_executor_runs_work_here_on_the_files_themselves_and_lets_a_cancel_through(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x")
+
+    def read(paths, *, on_step, times):
+        on_step("reading")
+        return [(p, p.read_bytes() * times) for p in paths]
+
+    steps = []
+    assert LocalExecutor().run(1, read, files={"paths": [path]}, on_step=steps.append, times=2) == [(path, b"xx")]
+    assert steps == ["reading"]
+
+    def cancel(message):
+        raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        LocalExecutor().run(1, read, files={"paths": [path]}, on_step=cancel, times=2)

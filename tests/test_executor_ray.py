@@ -1,6 +1,7 @@
 """The ray executor against a Ray started here: a run matches the local one, cancels, and fails with
-a reason when its Ray worker dies, leaving the previous model current. Ray workers are forbidden to
-open SQLite (every one of them, by a setup hook), so a pass also shows only the local side writes."""
+a reason when its Ray worker dies, leaving the previous model current; an export matches the local
+one, and a cancel kills its task. Ray workers are forbidden to open SQLite (every one of them, by a
+setup hook), so a pass also shows only the local side writes."""
 
 import dataclasses
 import os
@@ -13,13 +14,14 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e \".[ray]\"")
 
-from core import jobs
+from core import bundle_predict, jobs, selection
 from core.auth import ADMIN, Actor
 from core.config import PRESETS
-from core.jobs import RunStatus
+from core.jobs import JobCancelled, RunStatus
 from core.schema import decode_probabilities
 from core.workspace import connect, open_workspace
 from tests.conftest import ROOT, TWO_CLASSES, add_labelled_images
+from tests.exported_run import make_succeeded_run, tiny_model
 
 ACTOR = Actor("tester", ADMIN)
 
@@ -229,3 +231,78 @@ def _items(ws, db):
         selection.TrainItem(r["id"], r["sha256"], ws.root / r["path"], None, "unlabelled")
         for r in db.query("SELECT id, sha256, path FROM images")
     ]
+
+
+def test_an_int8_export_job_on_ray_is_verified_and_gives_the_probabilities_of_a_local_export(
+    cluster, tmp_path, monkeypatch
+):
+    from core.executor_ray import RayExecutor
+    from core.export import export_run
+    from core.worker import run_worker
+
+    ran_on_ray = []
+    run_here = RayExecutor.run
+
+    def run_and_note(self, job_id, work, **kwargs):
+        ran_on_ray.append(work.__name__)
+        return run_here(self, job_id, work, **kwargs)
+
+    monkeypatch.setattr(RayExecutor, "run", run_and_note)
+
+    ws = open_workspace(tmp_path / "ws")
+    db = connect(ws)
+    add_labelled_images(ws, db, {"red": {"train": 2, "val": 2}, "blue": {"train": 2, "val": 2}})
+    run_id = make_succeeded_run(ws, db, tiny_model(["red", "blue"]))
+    local = export_run(ws, db, tmp_path / "local.zip", run_id=run_id, int8=True, actor=ACTOR)
+
+    jobs.set_executor(db, "ray", ray_address="auto", actor=ACTOR)
+    job_id = jobs.create_job(db, jobs.JobKind.EXPORT, {"run_id": run_id, "int8": True}, actor=ACTOR)
+    assert run_worker(ws, job_id) == RunStatus.SUCCEEDED, jobs.get_run(db, job_id)["error"]
+    assert ran_on_ray == ["convert_model"]
+    on_ray = jobs.get_run(db, job_id)["result"]
+    assert on_ray["checks"]["checker"] == "passed" and on_ray["checks"]["same_classes"]
+    assert on_ray["checks"]["images"] == local.checks.images == 4
+    assert max(on_ray["checks"]["batch1_max_abs_diff"], on_ray["checks"]["batch_n_max_abs_diff"]) <= 1e-4
+    assert on_ray["val_accuracy"] == local.val_accuracy
+    assert on_ray["files"].keys() == local.files.keys() and "model.int8.onnx" in on_ray["files"]
+    assert on_ray["int8"]["calibration_images"] == local.int8.calibration_images == 4
+    assert on_ray["int8"]["agreement"] == local.int8.agreement
+
+    val_paths = [ws.root / r["path"] for r in selection.run_snapshot(db, run_id) if r["split"] == "val"]
+    for int8 in (False, True):
+        ray_probs, local_probs = (
+            [p.probabilities for p in bundle_predict.BundlePredictor.from_zip(path, int8=int8).predict_files(val_paths)]
+            for path in (on_ray["path"], local.path)
+        )
+        np.testing.assert_allclose(ray_probs, local_probs, atol=1e-5)
+    db.close()
+
+
+def test_a_cancel_while_work_runs_on_ray_stops_waiting_and_kills_its_task(cluster):
+    from core.executor_ray import RayExecutor
+
+    # Defined here, so Ray ships the function itself rather than a module its workers may not import.
+    def say_where_then_outlast_the_test(*, on_step):
+        on_step(str(os.getpid()))
+        time.sleep(600)
+
+    steps = []
+
+    def cancel_when_asked_again(message):
+        steps.append(message)
+        if len(steps) > 1:
+            raise JobCancelled()
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        RayExecutor("auto").run(10_000, say_where_then_outlast_the_test, files={}, on_step=cancel_when_asked_again)
+    assert time.monotonic() - started < 60 and steps[1] == steps[0]
+    wait_for(lambda: not _alive(int(steps[0])), 30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

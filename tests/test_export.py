@@ -10,6 +10,7 @@ from PIL import Image
 from core import bundle_predict, catalog, export, images, selection
 from core.catalog import now
 from core.errors import LoupeError
+from core.executors import LocalExecutor
 from core.images import open_image_rgb
 from core.schema import decode_probabilities
 from core.workspace import connect, open_workspace
@@ -82,6 +83,15 @@ def test_onnx_metadata_and_dynamic_batch(exported):
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+
+def test_an_export_on_the_local_executor_gives_the_report_of_the_default_one(exported, tmp_path):
+    default = exported["report"]
+    report = export.export_run(exported["ws"], exported["db"], tmp_path / "local.zip", actor=TESTER,
+                               executor=LocalExecutor())
+    assert report.checks == default.checks and report.val_accuracy == default.val_accuracy
+    assert report.metadata == default.metadata and report.snapshot_sha256 == default.snapshot_sha256
+    assert report.int8 is None and report.files.keys() == default.files.keys() - {"model.int8.onnx"}
 
 
 def test_snapshot_hash_changes_with_a_label():

@@ -284,5 +284,9 @@ def test_two_stage_trains_only_the_last_blocks():
     assert "conv_head.weight" in trained and "blocks.6.0.conv_pw.weight" in trained
     assert not any(name.startswith(("conv_stem", "blocks.5")) for name in trained)
     assert model.conv_stem in frozen
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert model.bn2 in batch_norms and all(any(m is f for f in frozen) for m in batch_norms)
     head, backbone, frozen = trainable_parts(model, "finetune", unfreeze_blocks=1)
-    assert len(head) + len(backbone) == len(list(model.parameters())) and frozen == []
+    assert len(head) + len(backbone) == len(list(model.parameters()))
+    # Everything trains, and every batch-norm layer keeps the statistics the head was fitted on.
+    assert len(frozen) == len(batch_norms) and all(any(m is f for f in frozen) for m in batch_norms)
