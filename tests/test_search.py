@@ -57,7 +57,11 @@ def test_the_best_preset_tries_every_candidate_cheapest_first_when_the_budget_al
     _, reporter, result = searched
     names = [c["name"] for c in result.metrics["candidates"]]
     larger = ["lite2_head_260"] if "efficientnet_lite2" in available_backbones() else []
-    assert names == ["head_224", "head_288", *larger, "two_stage", "finetune"]
+    augmentation = search_module.choose_augmentation(searched[0], any_orientation=False)
+    assert names == ["head_224", "head_288", *larger, "two_stage", f"two_stage_{augmentation}", "finetune"]
+    # Fine-tuning is tried first on the photos as they are, then with the augmentation that suits them.
+    augmentations = {c["name"]: c["augmentation"] for c in result.metrics["candidates"]}
+    assert augmentations["two_stage"] == "none" and augmentations[f"two_stage_{augmentation}"] == augmentation
     assert all(c["status"] == "done" for c in result.metrics["candidates"])
     assert reporter.candidates == result.metrics["candidates"]
 
@@ -174,4 +178,5 @@ def test_the_best_preset_is_a_search_with_a_ten_minute_default_budget():
 
 def test_the_candidates_run_cheapest_first():
     names = [c.name for c in search_module._candidates(PRESETS["best"], "light")]
-    assert names.index("head_224") < names.index("head_288") < names.index("two_stage") < names.index("finetune")
+    assert (names.index("head_224") < names.index("head_288") < names.index("two_stage")
+            < names.index("two_stage_light") < names.index("finetune"))
