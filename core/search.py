@@ -102,9 +102,12 @@ def search(config: TrainConfig, dataset: TrainDataset, reporter, cache: Embeddin
     best, best_record = None, None
     for candidate in _candidates(config, augmentation):
         if candidate.config.strategy != "head":
-            # Fine-tuning starts from the best head so far: its backbone, at its size.
+            # Fine-tuning uses the best head's backbone at that backbone's own input size: on magtile6,
+            # two_stage at 224 px reached validation macro-F1 0.947, while at the best head's 288 px it
+            # never beat that head (0.914), at 1.65 times the cost.
+            backbone = best.config.backbone
             candidate.config = dataclasses.replace(
-                candidate.config, backbone=best.config.backbone, image_size=best.config.image_size
+                candidate.config, backbone=backbone, image_size=get_spec(backbone).preprocessing.input_size
             )
         seconds = estimate_seconds(candidate.config, dataset, cache, rates)
         record = {"name": candidate.name, "strategy": candidate.config.strategy,

@@ -62,6 +62,8 @@ def test_the_best_preset_tries_every_candidate_cheapest_first_when_the_budget_al
     # Fine-tuning is tried first on the photos as they are, then with the augmentation that suits them.
     augmentations = {c["name"]: c["augmentation"] for c in result.metrics["candidates"]}
     assert augmentations["two_stage"] == "none" and augmentations[f"two_stage_{augmentation}"] == augmentation
+    # ...at the backbone's own input size, whichever size its best head used.
+    assert {c["image_size"] for c in result.metrics["candidates"] if c["strategy"] != "head"} == {224}
     assert all(c["status"] == "done" for c in result.metrics["candidates"])
     assert reporter.candidates == result.metrics["candidates"]
 
