@@ -55,7 +55,7 @@ from core.embeddings import EmbeddingCache, embed_images  # noqa: E402
 from core.fewshot import FEW_LABEL_METHODS, FewLabelClassifier, uncertain_diverse_batch  # noqa: E402
 from core.config import PRESETS, TrainConfig  # noqa: E402
 from core.selection import TrainDataset, dataset_from_catalog  # noqa: E402
-from core.training import train  # noqa: E402
+from core.training import SilentReporter, train  # noqa: E402
 from core.uncertainty import uncertainty  # noqa: E402
 from core.workspace import Workspace, connect, open_workspace  # noqa: E402
 
@@ -208,16 +208,6 @@ def method_rule(data: Dataset) -> None:
 # ---------------------------------------------------------------- 2 and 4. Quick, calibrated
 
 
-class Silent:
-    def progress(self, p: object) -> None:
-        pass
-
-    def epoch(self, m: object) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
 
 def quick_run(
     data: Dataset, config: TrainConfig, dataset: TrainDataset | None = None
@@ -226,7 +216,7 @@ def quick_run(
     (probabilities, labels) on val and on test, columns in the dataset's class order."""
     db = connect(data.ws)
     dataset = dataset or dataset_from_catalog(data.ws, db)
-    result = train(config, dataset, Silent(), EmbeddingCache(db))
+    result = train(config, dataset, SilentReporter(), EmbeddingCache(db))
     by_split = {
         split: (
             np.array([result.probabilities[item.image_id] for item in dataset.split(split)]),

@@ -254,16 +254,6 @@ def built_workspace(args: argparse.Namespace) -> tuple[Workspace, dict]:
 # ---------------------------------------------------------------- measuring
 
 
-class _QuietReporter:
-    def progress(self, p) -> None:
-        pass
-
-    def epoch(self, m) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
 
 def _seconds(work) -> tuple[float, object]:
     started = time.perf_counter()
@@ -329,11 +319,11 @@ def page_renders(ws: Workspace) -> dict[str, float]:
 def quick_retrain_warm(ws: Workspace) -> float:
     """core.training.train, Quick preset, every feature already cached: what a retrain costs."""
     from core.selection import dataset_from_catalog
-    from core.training import train
+    from core.training import SilentReporter, train
 
     db = connect(ws)
     try:
-        seconds, _ = _seconds(lambda: train(PRESETS["quick"], dataset_from_catalog(ws, db), _QuietReporter(),
+        seconds, _ = _seconds(lambda: train(PRESETS["quick"], dataset_from_catalog(ws, db), SilentReporter(),
                                             cache=EmbeddingCache(db)))
     finally:
         db.close()

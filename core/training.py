@@ -133,6 +133,19 @@ class Reporter(Protocol):
     def should_stop(self) -> bool: ...
 
 
+class SilentReporter:
+    """A Reporter that reports nowhere and never stops: for scripts and tests that only want the result."""
+
+    def progress(self, p: Progress) -> None:
+        pass
+
+    def epoch(self, m: EpochMetrics) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 class TrainingCancelled(Exception):
     """Raised by `train` when the reporter asked it to stop."""
 

@@ -581,10 +581,10 @@ def _window_item(ws: Workspace, run_id: int, predictions: RunPredictions, rows: 
                  *, compute: bool, with_pictures: bool) -> dict:
     """The large picture and maps of one image (none when the browser holds them already); maps not
     cached are computed only when `compute`."""
-    service = _cams()
+    service, budget = _cams(), state.decode_budget()
     cams, note = [], None
     for title, class_index in _cam_classes(predictions, rows.get(image["id"]), image["label"]):
-        request = CamRequest(image["id"], image["path"], class_index, state.decode_budget())
+        request = CamRequest(image["id"], image["path"], class_index, budget)
         src = None
         try:
             if with_pictures and compute:
@@ -630,10 +630,10 @@ def review_gallery_section(root: str, run_id: int, predictions: RunPredictions, 
     if st.session_state.get(f"{key}_ahead") != token:
         # The gallery's maps, computed in the background from its first image on.
         st.session_state[f"{key}_ahead"] = token
-        requests = []
+        requests, budget = [], state.decode_budget()
         for image_id in shown:
             image = catalog.get_image(db, image_id)
-            requests += [CamRequest(image_id, image["path"], c, state.decode_budget())
+            requests += [CamRequest(image_id, image["path"], c, budget)
                          for _, c in _cam_classes(predictions, rows.get(image_id), image["label"])]
         _cams().ahead(ws, run_id, requests)
     window = []
@@ -754,7 +754,8 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
         if can(state.actor(), "review"):
             decisions(image_id, classes, image["label"], summary["excluded"])
     with picture:
-        original = open_image_rgb(ws.root / image["path"], budget_bytes=state.decode_budget())
+        budget = state.decode_budget()
+        original = open_image_rgb(ws.root / image["path"], budget_bytes=budget)
         if probs is None:
             st.image(_display_copy(original))
         else:
@@ -766,7 +767,7 @@ def image_panel(root: str, run_id: int, predictions: RunPredictions) -> None:
             try:
                 with st.spinner("Computing the heat map…"):
                     heat = _heatmap(root, run_id, str(ws.root / image["path"]), classes.index(explained), method,
-                                    state.decode_budget())
+                                    budget)
             except LoupeError as exc:
                 st.error(state.literal(str(exc)))
                 st.image(_display_copy(original))

@@ -182,7 +182,7 @@ def quick_head_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.n
     `labelled` train, a few of `rest` validate, half of the others are unlabelled, half held out."""
     from core.config import TrainConfig
     from core.selection import TrainDataset, TrainItem
-    from core.training import _Run
+    from core.training import SilentReporter, _Run
 
     val, unlabelled, held_out = rest[:8], rest[8::2], rest[9::2]
     split = {**{i: "train" for i in labelled}, **{i: "val" for i in val}, **{i: "unlabelled" for i in unlabelled},
@@ -192,7 +192,7 @@ def quick_head_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.n
              for i in order]
     dataset = TrainDataset([f"class{c}" for c in np.unique(labels)], items)
     config = TrainConfig(epochs=30)
-    run = _Run(config, dataset, Silent(), torch.device("cpu"), get_spec(config.backbone).preprocessing, 224)
+    run = _Run(config, dataset, SilentReporter(), torch.device("cpu"), get_spec(config.backbone).preprocessing, 224)
     run.features = features[order].astype(np.float32)
     torch.manual_seed(0)  # the layer's initial weights
     model, _ = run.fit_head(None, config.epochs, epoch_offset=0)
@@ -200,16 +200,6 @@ def quick_head_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.n
         scores = model.get_classifier()(torch.from_numpy(features[held_out]).float())
     return float(np.mean(scores.argmax(dim=1).numpy() == labels[held_out]))
 
-
-class Silent:
-    def progress(self, p) -> None:
-        pass
-
-    def epoch(self, m) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def test_quick_head_with_two_labels_a_class_beats_the_labelled_only_head_by_adding_propagated_labels(monkeypatch):
