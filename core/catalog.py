@@ -78,6 +78,16 @@ def set_split_fractions(db: Database, fractions: dict[str, float], *, actor: Act
 # ---------------------------------------------------------------- images
 
 
+def image_rows(db: Database, image_ids: Iterable[int], columns: str) -> dict[int, dict]:
+    """`columns` of each of these images, by id: one query with the ids as one JSON parameter, so
+    any number of them stays under SQLite's limit on bound parameters."""
+    ids = json.dumps([int(i) for i in image_ids])
+    return {
+        row["id"]: row
+        for row in db.query(f"SELECT id, {columns} FROM images WHERE id IN (SELECT value FROM json_each(?))", [ids])
+    }
+
+
 def find_image_by_sha256(db: Database, sha256: str) -> dict | None:
     return next(db.query("SELECT * FROM images WHERE sha256 = ?", [sha256]), None)
 

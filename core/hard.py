@@ -23,6 +23,7 @@ from sqlite_utils import Database
 from threadpoolctl import threadpool_limits
 
 from core.backbones import DEFAULT_BACKBONE, create_backbone, get_spec
+from core.catalog import image_rows
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
 from core.fewshot import uncertain_diverse_batch
@@ -449,11 +450,7 @@ def run_embeddings(
     """
     config = run_config(run)
     ids = [int(i) for i in image_ids]
-    rows = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        for row in db.query(f"SELECT id, sha256, path FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-            rows[row["id"]] = row
+    rows = image_rows(db, ids, "sha256, path")
     items = [_EmbeddingItem(rows[i]["sha256"], ws.root, rows[i]["path"]) for i in ids]
     cache = EmbeddingCache(db)
     pre = get_spec(config.backbone).preprocessing_for(config.image_size)

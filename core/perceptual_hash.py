@@ -14,12 +14,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from sqlite_utils import Database
 
+from core.catalog import image_rows
 from core.images import decode_image, open_image_rgb
 from core.workspace import Workspace
-
-# Ids per query: under SQLite's limit on bound parameters.
-_CHUNK = 500
-
 
 def perceptual_hashes(images: Iterable[Image.Image]) -> np.ndarray:
     """Per image, its 64-bit perceptual hash and that of its mirror image: (n, 2) unsigned integers."""
@@ -49,18 +46,12 @@ def image_hashes(ws: Workspace, db: Database, image_ids: np.ndarray) -> np.ndarr
     from the stored thumbnails and stored, unless the workspace is read-only."""
     ids = [int(i) for i in image_ids]
     stored, thumbs = {}, {}
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
+    for image_id, row in image_rows(db, ids, "thumb_path, phash, phash_mirrored").items():
         # A value that is not an integer (a restored backup's, say) is recomputed, never trusted.
-        for row in db.query(
-            "SELECT id, thumb_path, CASE WHEN typeof(phash) = 'integer' AND typeof(phash_mirrored) = 'integer'"
-            f" THEN 1 ELSE 0 END AS stored, phash, phash_mirrored FROM images WHERE id IN ({','.join('?' * len(chunk))})",
-            chunk,
-        ):
-            if row["stored"]:
-                stored[row["id"]] = (row["phash"], row["phash_mirrored"])
-            else:
-                thumbs[row["id"]] = ws.root / row["thumb_path"]
+        if isinstance(row["phash"], int) and isinstance(row["phash_mirrored"], int):
+            stored[image_id] = (row["phash"], row["phash_mirrored"])
+        else:
+            thumbs[image_id] = ws.root / row["thumb_path"]
     if thumbs:
         missing = list(thumbs)
         computed = perceptual_hashes(open_image_rgb(thumbs[i]) for i in missing).view(np.int64)
