@@ -62,6 +62,14 @@ def running_dashboard(workspace: Path) -> Iterator[str]:
         stop_server(server)
 
 
+def wait_until_settled(page, timeout_ms: int = 60_000) -> None:
+    """Idle, and still idle a second later: a key or click sent while a late rerun redraws the page
+    was lost once in CI each for the confusion matrix and find-similar."""
+    for _ in range(2):
+        page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=timeout_ms)
+        page.wait_for_timeout(1_000)
+
+
 def stop_server(server: subprocess.Popen) -> None:
     """Ask a server started by a test to stop; kill it when it does not within 10 s."""
     server.terminate()

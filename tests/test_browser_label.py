@@ -10,7 +10,7 @@ import pytest
 from core import catalog, ingest
 from core.auth import ADMIN, Actor
 from core.workspace import connect, open_workspace
-from tests.browser_support import chromium_page, running_dashboard
+from tests.browser_support import chromium_page, running_dashboard, wait_until_settled
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.browser
@@ -130,7 +130,7 @@ def test_find_similar_from_focus_mode_opens_the_nearest_images_in_the_grid(brows
     with running_dashboard(ws.root) as url:
         open_label_page(page, url, "Focus")
         page.wait_for_selector(f'{SHOWN.removesuffix("[data-image-id]")}[data-image-id="1"]', timeout=TIMEOUT_MS)
-        page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=TIMEOUT_MS)
+        wait_until_settled(page, TIMEOUT_MS)
         # A rerun may have given a text field the focus back, where keys are typed, not shortcuts.
         page.evaluate("document.activeElement && document.activeElement.blur()")
         page.keyboard.press("f")

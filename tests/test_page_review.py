@@ -205,7 +205,7 @@ def test_agreement_between_labellers_and_reviewers_is_shown_per_class_and_person
 
 @pytest.mark.browser
 def test_clicking_a_confusion_matrix_cell_in_the_browser_opens_exactly_its_images(workspace, db, make_run):
-    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard
+    from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, running_dashboard, wait_until_settled
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -222,11 +222,7 @@ def test_clicking_a_confusion_matrix_cell_in_the_browser_opens_exactly_its_image
             page.get_by_test_id("stSidebarNav").get_by_text("Review", exact=True).click()
             # The cell shown first is the mistake: labelled red, predicted blue.
             page.get_by_role("button", name=f"Open #{red_val[0]}").wait_for(timeout=90_000)
-            # Idle, and still idle a moment later: a click on the chart while a late rerun redraws it
-            # was missed once in CI (the page then showed the first cell's images still).
-            for _ in range(2):
-                page.wait_for_selector('[data-testid="stStatusWidget"]', state="detached", timeout=60_000)
-                page.wait_for_timeout(1_000)
+            wait_until_settled(page)
             cells = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
             # The top-left cell: labelled red, predicted red.
             page.mouse.click(cells["x"] + cells["width"] / 4, cells["y"] + cells["height"] / 4)
