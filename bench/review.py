@@ -49,14 +49,13 @@ from sklearn.preprocessing import StandardScaler
 
 from core import hard, ingest, jobs, perceptual_hash
 from core.auth import Actor
-from core.backbones import DEFAULT_BACKBONE, configure_threads, get_spec
+from core.backbones import DEFAULT_BACKBONE, configure_threads, run_preprocessing
 from core.checkpoints import load_run_model
 from core.embeddings import EmbeddingCache, embed_images
 from core.explain import explain, prepare_for_cam
 from core.images import open_image_rgb
 from core.config import PRESETS
 from core.selection import dataset_from_catalog
-from core.training import choose_image_size
 from core.worker import run_worker
 from core.workspace import Workspace, connect, open_workspace
 
@@ -93,11 +92,10 @@ def imported(ws: Workspace, folder: Path) -> list[dict]:
 
 
 def embeddings(ws: Workspace, rows: list[dict]) -> np.ndarray:
-    """Features at the size a Quick run on this workspace would choose, as the app's queues use."""
+    """Features at the size and crop a Quick run on this workspace would choose, as the app's queues use."""
     db = connect(ws)
-    size = choose_image_size(PRESETS["quick"], dataset_from_catalog(ws, db))
+    pre = run_preprocessing(PRESETS["quick"], dataset_from_catalog(ws, db))
     items = [SimpleNamespace(sha256=r["sha256"], path=ws.root / r["path"]) for r in rows]
-    pre = get_spec(DEFAULT_BACKBONE).preprocessing_for(size)
     return embed_images(EmbeddingCache(db), DEFAULT_BACKBONE, items, preprocessing=pre)
 
 

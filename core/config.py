@@ -26,13 +26,17 @@ CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
 # "_gray" variants leave colour alone (for grayscale photos); "rotations" adds vertical flips and
 # quarter turns, for photos with no up (surfaces, slides, parts seen from above).
 AUGMENTATIONS = ("none", "light", "strong", "light_gray", "rotations", "rotations_gray")
+# How a photo becomes the square model input: "centre" resizes its shorter side a little larger than
+# the input and crops the centre, as the backbones were trained; "none" resizes the shorter side to
+# the input, keeping the whole photo; "auto" chooses from the photos (core.backbones.choose_crop).
+CROPS = ("auto", "centre", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The devices a resolved config can name: "auto" is decided when a run starts.
 RESOLVED_DEVICES = DEVICES[1:]
 # The settings whose value is one of a fixed list, by field name.
 ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
     "strategy": STRATEGIES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-    "class_weighting": CLASS_WEIGHTINGS, "augmentation": AUGMENTATIONS, "device": DEVICES,
+    "class_weighting": CLASS_WEIGHTINGS, "augmentation": AUGMENTATIONS, "device": DEVICES, "crop": CROPS,
 }
 MIN_IMAGE_SIZE = 32
 # Larger inputs would take more memory per image than any backbone here was trained for pays back.
@@ -47,8 +51,9 @@ class TrainConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights_path: str | None = None
-    # Model input in pixels; 0 chooses from the photos (see core.training.choose_image_size).
+    # Model input in pixels; 0 chooses from the photos (see core.backbones.choose_image_size).
     image_size: int = 0
+    crop: str = "auto"
     strategy: str = "head"
     epochs: int = 60
     batch_size: int = 64
@@ -134,11 +139,13 @@ def authorize_run(config: TrainConfig, *, actor: Actor, allowed_roots: Iterable[
 
 @dataclass
 class ResolvedConfig(TrainConfig):
-    """A run's config as it trained: `image_size` in pixels and `device` the one it ran on.
+    """A run's config as it trained: `image_size` in pixels, `crop` centre or none, and `device` the
+    one it ran on.
 
     Made once, by `core.training.resolve` when the run starts, and stored on the run with its
     results; every later reader (review, Grad-CAM, export) reads it through `core.jobs.run_config`.
-    Runs recorded before resolved configs were stored may hold image_size 0: the backbone's own size.
+    Runs recorded before resolved configs were stored may hold image_size 0: the backbone's own size;
+    runs recorded before `crop` was a setting hold "auto", and cropped the centre.
     """
 
 

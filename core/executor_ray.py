@@ -26,7 +26,7 @@ import numpy as np
 import ray
 import torch
 
-from core.backbones import Preprocessing, create_backbone, get_spec
+from core.backbones import Preprocessing, create_backbone, run_preprocessing
 from core.config import TrainConfig
 from core.embeddings import (
     DECODE_THREADS,
@@ -47,7 +47,6 @@ from core.training import (
     Reporter,
     TrainingCancelled,
     TrainResult,
-    choose_image_size,
     train,
 )
 
@@ -220,8 +219,7 @@ class RayExecutor:
     ) -> TrainResult:
         if config.weights_path:
             raise LoupeError("A local weights file cannot be used on the Ray executor: train with --executor local.")
-        spec = get_spec(config.backbone)
-        key = cache_key(config.backbone, None, spec.preprocessing_for(choose_image_size(config, dataset)))
+        key = cache_key(config.backbone, None, run_preprocessing(config, dataset))
         vectors = cache.get_many(key, [item.sha256 for item in dataset.items])
         # A head trains on embeddings alone: only images without one travel. Fine-tuning needs them all.
         needed = {item.sha256: item.path for item in dataset.items

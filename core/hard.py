@@ -22,7 +22,7 @@ from sklearn.preprocessing import normalize
 from sqlite_utils import Database
 from threadpoolctl import threadpool_limits
 
-from core.backbones import DEFAULT_BACKBONE, create_backbone, get_spec
+from core.backbones import DEFAULT_BACKBONE, create_backbone, run_preprocessing
 from core.catalog import image_rows
 from core.embeddings import EmbeddingCache, cache_key, embed_images
 from core.errors import LoupeError
@@ -453,7 +453,7 @@ def run_embeddings(
     rows = image_rows(db, ids, "sha256, path")
     items = [_EmbeddingItem(rows[i]["sha256"], ws.root, rows[i]["path"]) for i in ids]
     cache = EmbeddingCache(db)
-    pre = get_spec(config.backbone).preprocessing_for(config.image_size)
+    pre = run_preprocessing(config)
     if not compute_missing:
         wanted = {item.sha256 for item in items}
         if len(cache.get_many(cache_key(config.backbone, config.weights_path, pre), list(wanted))) < len(wanted):

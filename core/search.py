@@ -37,6 +37,7 @@ from core.backbones import (
     configure_threads,
     create_backbone,
     get_spec,
+    run_preprocessing,
 )
 from core.config import TrainConfig
 from core.embeddings import EmbeddingCache, cache_key
@@ -184,7 +185,7 @@ def estimate_seconds(config: TrainConfig, dataset: TrainDataset, cache: Embeddin
     if key not in rates:
         rates[key] = forward_images_per_second(config.backbone, size, config.weights_path)
     rate = rates[key]
-    pre = spec.preprocessing_for(size)
+    pre = run_preprocessing(config, dataset)
     uncached = len(dataset.items)
     if cache is not None:
         known = cache.get_many(cache_key(config.backbone, config.weights_path, pre),

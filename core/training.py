@@ -32,7 +32,14 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torchvision.transforms import v2
 
-from core.backbones import Preprocessing, configure_threads, get_spec
+from core.backbones import (
+    Preprocessing,
+    choose_crop,
+    choose_image_size,
+    configure_threads,
+    get_spec,
+    run_preprocessing,
+)
 from core.calibration import apply_temperature, fit_temperature, logits_from_probabilities
 from core.checkpoints import TrainedModel, build_classifier
 # PRESETS and dataset_from_catalog are not used here: they stay importable from core.training for
@@ -57,27 +64,17 @@ MIN_HEAD_EPOCHS = 5
 MIN_VAL_IMAGES_FOR_TEMPERATURE = 30
 
 
-def choose_image_size(config: TrainConfig, dataset: TrainDataset) -> int:
-    """The model's input size: the configured one, else the backbone's detail size when the median
-    training photo is at least that large (it has the detail to show), else the backbone's own."""
-    spec = get_spec(config.backbone)
-    if config.image_size:
-        return config.image_size
-    sides = [item.short_side for item in dataset.split("train") if item.short_side]
-    if spec.detail_size and sides and float(np.median(sides)) >= spec.detail_size:
-        return spec.detail_size
-    return spec.preprocessing.input_size
-
-
 def resolve(config: TrainConfig, dataset: TrainDataset) -> ResolvedConfig:
-    """The config a run trains with, every choice made: the input size from the photos and the device
-    from this machine. A LoupeError when this machine cannot train as asked; resolving a resolved
+    """The config a run trains with, every choice made: the input size and crop from the photos and
+    the device from this machine. A LoupeError when this machine cannot train as asked; resolving a resolved
     config changes nothing."""
     config.validate()
     device = resolve_device(config.device)
-    return ResolvedConfig.from_dict(
-        {**config.to_dict(), "image_size": choose_image_size(config, dataset), "device": device.type}
-    )
+    image_size = choose_image_size(config, dataset)
+    return ResolvedConfig.from_dict({
+        **config.to_dict(), "image_size": image_size, "crop": choose_crop(config, dataset, image_size),
+        "device": device.type,
+    })
 
 
 def class_weights(counts: list[int], scheme: str) -> list[float]:
@@ -176,7 +173,7 @@ def train(
     configure_threads()
     device = torch.device(config.device)
     spec = get_spec(config.backbone)
-    pre = spec.preprocessing_for(config.image_size)
+    pre = run_preprocessing(config)
     run = _Run(config, dataset, reporter, device, pre, min(pre.input_size, spec.preprocessing.input_size))
     if config.strategy == "head":
         model, best = run.fit_head(cache, config.epochs, epoch_offset=0)

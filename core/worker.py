@@ -29,7 +29,7 @@ import numpy as np
 from sqlite_utils import Database
 
 from core import jobs, selection
-from core.backbones import configure_threads, get_spec
+from core.backbones import configure_threads, run_preprocessing
 from core.backup import backup_workspace
 from core.catalog import now
 from core.checkpoints import run_checkpoint_path, save_checkpoint
@@ -41,7 +41,7 @@ from core.executors import Executor, LocalExecutor, WarmEmbeddingCache, WarmVect
 from core.export import export_run
 from core.jobs import JobCancelled, JobKind, RunStatus
 from core.metrics import EVALUATION_SPLITS, run_figures
-from core.training import EpochMetrics, Progress, TrainingCancelled, choose_image_size
+from core.training import EpochMetrics, Progress, TrainingCancelled
 from core.workspace import Workspace, connect, open_workspace
 
 HEARTBEAT_SECONDS = 2.0
@@ -187,11 +187,9 @@ def execute_run(ws: Workspace, db: Database, run_id: int, reporter: CatalogRepor
 def execute_embed(ws: Workspace, db: Database, job_id: int, reporter: CatalogReporter, *, executor: Executor,
                   cache: EmbeddingCache) -> dict:
     """Cache the features of every image in the catalog as the next run with the job's config will use
-    them (its backbone, at the input size it would choose), so that run starts from them."""
+    them (its backbone, at the input size and crop it would choose), so that run starts from them."""
     config = TrainConfig.from_dict(jobs.get_run(db, job_id)["params"].get("config") or {})
-    preprocessing = get_spec(config.backbone).preprocessing_for(
-        choose_image_size(config, selection.dataset_from_catalog(ws, db))
-    )
+    preprocessing = run_preprocessing(config, selection.dataset_from_catalog(ws, db))
     items = [
         selection.TrainItem(row["id"], row["sha256"], ws.root / row["path"], None, selection.UNLABELLED_SPLIT)
         for row in db.query("SELECT id, sha256, path FROM images WHERE excluded = 0 ORDER BY id")

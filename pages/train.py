@@ -249,6 +249,7 @@ def history(db, runs: list[dict], item_counts: dict[int, int]) -> None:
                 "backbone": config.backbone,
                 # As asked for (0: chosen from the photos) until the run has trained.
                 "input size": config.image_size or None,
+                "crop": config.crop,
                 "device": config.device,
                 "images": item_counts.get(run["id"], 0),
                 "val accuracy": (run["metrics"] or {}).get("val_accuracy"),

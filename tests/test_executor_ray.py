@@ -153,7 +153,7 @@ def test_a_killed_ray_worker_fails_the_run_with_a_reason_and_keeps_the_previous_
 
 
 def test_embedding_the_catalog_on_ray_gives_the_local_vectors(ws_db):
-    from core.backbones import get_spec
+    from core.backbones import run_preprocessing
     from core.config import TrainConfig
     from core.embeddings import EmbeddingCache, cache_key
     from core.executor_ray import RayExecutor
@@ -172,12 +172,14 @@ def test_embedding_the_catalog_on_ray_gives_the_local_vectors(ws_db):
     seen = []
     result = execute_embed(ws, db, job_id, Reporter(), executor=RayExecutor("auto", workers=2), cache=cache)
     assert result["computed"] == 16 and seen[-1] == (16, 16)
-    key = cache_key("efficientnet_lite0")
+    # The catalog's small photos are kept whole, as the next run would embed them.
+    preprocessing = run_preprocessing(TrainConfig(), selection.dataset_from_catalog(ws, db))
+    assert preprocessing.resize_size == preprocessing.input_size
+    key = cache_key("efficientnet_lite0", None, preprocessing)
     shas = [r["sha256"] for r in db.query("SELECT sha256 FROM images")]
     on_ray = cache.get_many(key, shas)
     db.execute("DELETE FROM embeddings")
-    LocalExecutor().embed(job_id, TrainConfig(), get_spec("efficientnet_lite0").preprocessing, _items(ws, db), cache,
-                          lambda done, total: None)
+    LocalExecutor().embed(job_id, TrainConfig(), preprocessing, _items(ws, db), cache, lambda done, total: None)
     local = cache.get_many(key, shas)
     for sha in shas:
         np.testing.assert_allclose(on_ray[sha], local[sha], atol=2e-3)

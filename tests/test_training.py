@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core import catalog
-from core.backbones import get_spec
+from core.backbones import choose_crop, choose_image_size, get_spec, run_preprocessing
 from core.checkpoints import build_classifier
 from core.embeddings import EmbeddingCache, cache_key
 from core.images import open_image_rgb
@@ -15,7 +15,6 @@ from core.training import (
     EpochMetrics,
     Progress,
     TrainingCancelled,
-    choose_image_size,
     class_weights,
     loss_function,
     resolve,
@@ -90,12 +89,15 @@ def item(i: int, label: int | None, split: str) -> TrainItem:
     return TrainItem(i, f"{i:064x}", f"/nowhere/{i}.png", label, split)
 
 
+def photos(*sides: int | None) -> TrainDataset:
+    """Training photos of these shorter sides (None: unknown)."""
+    return TrainDataset(["a"], [TrainItem(i, f"{i:064x}", "/nowhere", 0, "train", side) for i, side in enumerate(sides)])
+
+
 def test_image_size_follows_the_photos_unless_set():
     spec = get_spec("efficientnet_lite0")
     base, detail = spec.preprocessing.input_size, spec.detail_size
-
-    def dataset(*sides):
-        return TrainDataset(["a"], [TrainItem(i, f"{i:064x}", "/nowhere", 0, "train", side) for i, side in enumerate(sides)])
+    dataset = photos
 
     assert choose_image_size(TrainConfig(), dataset(400, 500, 30)) == detail
     assert choose_image_size(TrainConfig(), dataset(30, 30, 500)) == base
@@ -108,6 +110,24 @@ def test_image_size_follows_the_photos_unless_set():
     assert larger.input_size / larger.resize_size == pytest.approx(base / spec.preprocessing.resize_size, abs=0.01)
     assert cache_key("efficientnet_lite0", None, larger) != cache_key("efficientnet_lite0")
     assert spec.preprocessing_for(0) == spec.preprocessing
+
+
+def test_photos_smaller_than_the_input_are_kept_whole_instead_of_centre_cropped():
+    spec = get_spec("efficientnet_lite0")
+    assert choose_crop(TrainConfig(), photos(30, 30, 500), 224) == "none"
+    assert choose_crop(TrainConfig(), photos(400, 500, 30), 224) == "centre"
+    assert choose_crop(TrainConfig(), photos(None), 224) == "centre"
+    assert choose_crop(TrainConfig(crop="centre"), photos(30), 224) == "centre"
+    assert choose_crop(TrainConfig(crop="none"), photos(500), 224) == "none"
+    whole = run_preprocessing(TrainConfig(), photos(30, 30))
+    assert whole.resize_size == whole.input_size == spec.preprocessing.input_size
+    assert cache_key("efficientnet_lite0", None, whole) != cache_key("efficientnet_lite0")
+    # A resolved config names its crop; one stored before crops were chosen cropped the centre.
+    resolved = resolve(TrainConfig(), photos(30, 30))
+    assert resolved.crop == "none" and run_preprocessing(resolved) == whole
+    assert run_preprocessing(ResolvedConfig(image_size=224)) == spec.preprocessing
+    with pytest.raises(LoupeError, match="crop must be one of auto, centre, none"):
+        TrainConfig(crop="edges").validate()
 
 
 def test_check_trainable_names_the_problem_and_the_fix():
@@ -133,7 +153,9 @@ def test_resolve_makes_every_choice_once_and_refuses_a_device_this_machine_lacks
 
     assert isinstance(resolved, ResolvedConfig)
     assert (resolved.image_size, resolved.device) == (get_spec(resolved.backbone).preprocessing.input_size, "cpu")
-    assert {**resolved.to_dict(), "image_size": 0, "device": "auto"} == quick().to_dict()
+    # The small generated photos are kept whole: they are smaller than the input.
+    assert resolved.crop == "none"
+    assert {**resolved.to_dict(), "image_size": 0, "crop": "auto", "device": "auto"} == quick().to_dict()
     assert resolve(resolved, dataset) == resolved
     asks_for_a_gpu = quick(device="cuda")  # a config that can work somewhere: checking it asks for no GPU
     with pytest.raises(LoupeError, match="no CUDA GPU.*auto or cpu"):
@@ -235,11 +257,12 @@ def test_warm_cache_embeds_nothing_new(trainable):
     dataset = dataset_from_catalog(ws, db)
     cache = EmbeddingCache(db)
     train(quick(epochs=1), dataset, Recorder(), cache)
-    stored = cache.count(cache_key("efficientnet_lite0"))
+    key = cache_key("efficientnet_lite0", None, run_preprocessing(quick(), dataset))
+    stored = cache.count(key)
     reporter = Recorder()
     train(quick(epochs=1), dataset, reporter, cache)
     assert not [p for p in reporter.progress_seen if p.phase == "embedding"]
-    assert cache.count(cache_key("efficientnet_lite0")) == stored == len(dataset.items)
+    assert cache.count(key) == stored == len(dataset.items)
 
 
 def test_cancelling_stops_between_batches(trainable):
