@@ -42,21 +42,19 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import ingest  # noqa: E402
-from core.auth import ADMIN, Actor  # noqa: E402
+from bench.review import as_indices, embeddings, imported, labels_to_reach, say  # noqa: E402
 from core.calibration import (  # noqa: E402
     apply_temperature,
     expected_calibration_error,
     logits_from_probabilities,
 )
-from bench.review import embeddings  # noqa: E402
 from core.embeddings import EmbeddingCache  # noqa: E402
 from core.fewshot import FEW_LABEL_METHODS, FewLabelClassifier, uncertain_diverse_batch  # noqa: E402
 from core.config import PRESETS, TrainConfig  # noqa: E402
 from core.selection import TrainDataset, dataset_from_catalog  # noqa: E402
 from core.training import SilentReporter, train  # noqa: E402
 from core.uncertainty import uncertainty  # noqa: E402
-from core.workspace import Workspace, connect, open_workspace  # noqa: E402
+from core.workspace import connect, open_workspace  # noqa: E402
 
 EMBED_THREADS = 2
 FEW_LABEL_SEEDS = (0, 1, 2)
@@ -95,30 +93,7 @@ QUICK_SETTINGS = {
 QUICK_SEEDS = (0, 1, 2)
 
 
-def say(name: str, value: float | int | str) -> None:
-    print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}", flush=True)
-
-
 # ---------------------------------------------------------------- data
-
-
-def imported(ws: Workspace, folder: Path) -> list[dict]:
-    """The dataset's images in the workspace (imported once), with label and split, by image id."""
-    db = connect(ws)
-    if not next(db.query("SELECT count(*) AS n FROM images"))["n"]:
-        ingest.ingest_items(ws, db, ingest.items_from_folder(folder), actor=Actor("bench", ADMIN), source="server disk")
-    return list(
-        db.query(
-            "SELECT images.id, images.sha256, images.path, classes.name AS label, splits.split FROM images "
-            "JOIN labels ON labels.image_id = images.id JOIN classes ON classes.id = labels.class_id "
-            "LEFT JOIN splits ON splits.image_id = images.id ORDER BY images.id"
-        )
-    )
-
-
-def as_indices(labels: list[str]) -> tuple[np.ndarray, list[str]]:
-    classes = sorted(set(labels))
-    return np.array([classes.index(label) for label in labels]), classes
 
 
 class Dataset:
@@ -336,17 +311,6 @@ def learning_curve(data: Dataset, strategy: str, seed: int) -> list[float]:
             picked = rest[uncertain_diverse_batch(unsure, x[rest], AL_STEP, seed=seed)]
         labelled = np.concatenate([labelled, picked])
     return accuracies
-
-
-def labels_to_reach(curve: np.ndarray, counts: np.ndarray, target: float) -> float:
-    """Labels where the curve first reaches `target`, interpolated between rounds (as bench/review.py)."""
-    for i, accuracy in enumerate(curve):
-        if accuracy >= target:
-            if i == 0:
-                return float(counts[0])
-            before = curve[i - 1]
-            return float(counts[i - 1] + (target - before) / (accuracy - before) * (counts[i] - counts[i - 1]))
-    return float(counts[-1])
 
 
 def label_saving(data: Dataset, seeds: tuple[int, ...]) -> tuple[float, float, float]:
