@@ -265,6 +265,15 @@ def test_warm_cache_embeds_nothing_new(trainable):
     assert cache.count(key) == stored == len(dataset.items)
 
 
+def test_a_head_trains_the_same_on_features_computed_in_the_run_as_on_cached_ones(trainable):
+    ws, db = trainable
+    dataset = dataset_from_catalog(ws, db)
+    cache = EmbeddingCache(db)
+    computed = train(quick(epochs=3), dataset, Recorder(), cache)
+    cached = train(quick(epochs=3), dataset, Recorder(), cache)
+    assert computed.probabilities == cached.probabilities
+
+
 def test_cancelling_stops_between_batches(trainable):
     ws, db = trainable
     reporter = Recorder(stop_after=2)
