@@ -190,7 +190,6 @@ def method_rule(data: Dataset) -> None:
 # ---------------------------------------------------------------- 2 and 4. Quick, calibrated
 
 
-
 def quick_run(
     data: Dataset, config: TrainConfig, dataset: TrainDataset | None = None
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

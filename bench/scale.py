@@ -254,7 +254,6 @@ def built_workspace(args: argparse.Namespace) -> tuple[Workspace, dict]:
 # ---------------------------------------------------------------- measuring
 
 
-
 def _seconds(work) -> tuple[float, object]:
     started = time.perf_counter()
     result = work()

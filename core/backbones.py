@@ -237,28 +237,36 @@ def create_backbone(
     Weights come from the shipped package, a local checkpoint file, or timm's hub when online;
     without any of them this is an error, never a randomly initialised model.
     """
+    # The network's random initialisation is overwritten by its weights. Drawing it from a fork
+    # leaves torch's generator where a seeded run put it, so a head trained next starts the same
+    # whether its features were computed first or read from the cache (magtile6, Lite2 head at
+    # 260 px: validation macro-F1 0.9159 on fresh features against 0.9088 on cached, before).
+    with torch.random.fork_rng(devices=[]):
+        return _pretrained(name, weights_path, 1000 if imagenet_classifier else 0).eval()
+
+
+def _pretrained(name: str, weights_path: str | Path | None, num_classes: int) -> nn.Module:
     spec = get_spec(name)
-    num_classes = 1000 if imagenet_classifier else 0
     if weights_path is not None:
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, exportable=True)
         _load_checkpoint_file(model, Path(weights_path))
-    elif spec.weights_package:
+        return model
+    if spec.weights_package:
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, exportable=True)
         path = _shipped_weights(spec)
         _load_positionally(model, torch.load(path, map_location="cpu", weights_only=True), path.name)
-    else:
-        # Fail fast instead of waiting on a network that is not there.
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-        try:
-            model = timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes, exportable=True)
-        except Exception as exc:
-            raise LoupeError(
-                f"No weights for {name}: they could not be fetched ({type(exc).__name__}). "
-                "Offline, choose one of the installed backbones "
-                f"({', '.join(available_backbones())}) or give a local checkpoint file."
-            ) from None
-    return model.eval()
+        return model
+    # Fail fast instead of waiting on a network that is not there.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return timm.create_model(spec.timm_name, pretrained=True, num_classes=num_classes, exportable=True)
+    except Exception as exc:
+        raise LoupeError(
+            f"No weights for {name}: they could not be fetched ({type(exc).__name__}). "
+            "Offline, choose one of the installed backbones "
+            f"({', '.join(available_backbones())}) or give a local checkpoint file."
+        ) from None
 
 
 def target_layer(model: nn.Module, name: str) -> nn.Module:

@@ -18,6 +18,7 @@ from core.catalog import image_rows
 from core.images import decode_image, open_image_rgb
 from core.workspace import Workspace
 
+
 def perceptual_hashes(images: Iterable[Image.Image]) -> np.ndarray:
     """Per image, its 64-bit perceptual hash and that of its mirror image: (n, 2) unsigned integers."""
     def as_int(image: Image.Image) -> np.uint64:

@@ -180,12 +180,12 @@ def estimate_seconds(config: TrainConfig, dataset: TrainDataset, cache: Embeddin
                      rates: dict[tuple[str, int], float]) -> float:
     """How long a run of `config` should take here, from the backbone's measured forward speed."""
     spec = get_spec(config.backbone)
-    size = config.image_size or spec.preprocessing.input_size
+    pre = run_preprocessing(config, dataset)
+    size = pre.input_size
     key = (config.backbone, size)
     if key not in rates:
         rates[key] = forward_images_per_second(config.backbone, size, config.weights_path)
     rate = rates[key]
-    pre = run_preprocessing(config, dataset)
     uncached = len(dataset.items)
     if cache is not None:
         known = cache.get_many(cache_key(config.backbone, config.weights_path, pre),

@@ -448,10 +448,6 @@ class _Run:
         y_train = torch.from_numpy(y_labelled).long().to(self.device)
         w_train = torch.from_numpy(sample_weight).float().to(self.device)
         x_val = ((features[is_val] - mean) / std).to(self.device)
-        # Computing features builds a network, which draws from the global generator: seeding again
-        # starts the layer the same whether the features were cached or not. Without it, magtile6's
-        # Lite2 head at 260 px reached validation macro-F1 0.9159 on fresh features, 0.9088 on cached.
-        _seed_everything(self.config.seed)
         head = nn.Linear(features.shape[1], self.k).to(self.device)
         n = len(x_train)
         batch_size = max(self.config.batch_size, math.ceil(n / MAX_HEAD_STEPS_PER_EPOCH))
